@@ -1,0 +1,1 @@
+"""tokenrelay client: generated tokenrelay.v1 stubs plus Client / AsyncClient."""

@@ -1,0 +1,1 @@
+"""Inference engines behind the engine contract of `engines.base`."""

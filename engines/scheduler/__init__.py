@@ -1,0 +1,1 @@
+"""Iteration-level continuous batching: plain Python state, no tensors."""

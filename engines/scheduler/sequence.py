@@ -1,0 +1,111 @@
+"""A request's state inside the scheduler, and what one step schedules and returns.
+
+These types are the seam between the scheduler (plain ints and lists) and the runner
+(tensors): the scheduler hands the runner a `SchedulerOutput`, the runner answers with a
+`RunnerOutput`, and the scheduler folds that back into its sequences.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engines.base import FinishReason, Request, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request's tokens and KV blocks. Output tokens are appended to `token_ids`."""
+
+    request: Request
+    seed: int  # resolved seed: the request's, or one the engine picked
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    # Tokens whose KV is in the cache. After preemption it drops to 0 and the whole of
+    # token_ids (prompt + output so far) is recomputed as a prompt.
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from shared prefix blocks
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Compute KV for token_ids[start:start + num_new_tokens] of `seq` this step.
+
+    When the chunk reaches the end of the sequence (`sample`), the runner samples the next
+    token from the logits of its last position.
+    """
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def sample(self) -> bool:
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's batch: prefill chunks and decode tokens, flattened by the runner."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Sampled tokens for every chunk with `sample` set, keyed by request id."""
+
+    token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
