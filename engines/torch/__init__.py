@@ -1,0 +1,1 @@
+"""Reference PyTorch engine: Llama-family runner over a paged KV cache."""

@@ -1,0 +1,1 @@
+"""The tokenrelay gRPC server: servicers, conversion, errors, admission, health, lifecycle."""
