@@ -1,0 +1,1 @@
+"""Async jobs: durable submit / poll / watch, stores, scheduling and signed webhooks."""
