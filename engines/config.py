@@ -12,6 +12,7 @@ class SchedulerConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # KV blocks in the pool; 0: the runner sizes it from memory
     max_model_len: int = 0  # 0: the model's context length
+    enable_prefix_caching: bool = False  # share computed full prompt blocks between requests
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:

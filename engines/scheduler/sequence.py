@@ -93,6 +93,8 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Finished while scheduling (LENGTH: too long for the whole KV pool); not in `chunks`.
+    finished: list[Sequence] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -1,0 +1,206 @@
+"""AsyncClient: the asyncio (grpc.aio) twin of tokenrelay.Client, with the same methods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from tokenrelay import _params
+from tokenrelay._retry import UNSET as _UNSET
+from tokenrelay._retry import Deadline, Metadata, RetryPolicy, merge_metadata
+from tokenrelay._streams import AsyncGenerationStream, aiterate_with_retry
+from tokenrelay.errors import DeadlineExceededError, TokenRelayError, from_rpc_error
+from tokenrelay.v1 import (
+    generation_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
+)
+
+
+class AsyncClient:
+    """Asyncio client; see tokenrelay.Client for the arguments and each method's meaning.
+    Create it inside a running event loop; use `async with` or `await close()`."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, retries: int = 3,
+                 metadata: Metadata | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds or None")
+        self.target = target
+        self.timeout = timeout
+        self._retry = RetryPolicy(retries=retries)
+        self._metadata = merge_metadata((), metadata)
+        channel_options = list(options or ())
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+        self._generation = text_generation_pb2_grpc.TextGenerationStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel, e.g. for grpc.health.v1 or reflection stubs."""
+        return self._channel
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self.timeout if timeout is _UNSET else timeout)
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None, metadata: Any) -> Any:
+        deadline = self._deadline(timeout)
+        md = merge_metadata(self._metadata, metadata)
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=deadline.remaining(), metadata=md)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                delay = self._retry.next_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _server_stream(self, method: Any, request: Any, timeout: float | None,
+                       metadata: Any) -> AsyncIterator[Any]:
+        md = merge_metadata(self._metadata, metadata)
+        return aiterate_with_retry(lambda t: method(request, timeout=t, metadata=md),
+                                   self._retry, self._deadline(timeout))
+
+    async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = _UNSET,
+                       metadata: Metadata | None = None,
+                       **options: Any) -> generation_pb2.GenerationResult:
+        request = text_generation_pb2.GenerateRequest(
+            params=_params.generation_params(prompt, options))
+        return (await self._unary(self._generation.Generate, request, timeout, metadata)).result
+
+    def stream(self, prompt: str | Sequence[int], *, timeout: float | None = _UNSET,
+               metadata: Metadata | None = None, **options: Any) -> AsyncGenerationStream:
+        """Not a coroutine: returns a stream to `async for` over (the call starts then)."""
+        request = text_generation_pb2.GenerateStreamRequest(
+            params=_params.generation_params(prompt, options))
+        return AsyncGenerationStream(self._server_stream(
+            self._generation.GenerateStream, request, timeout, metadata))
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = False,
+                       timeout: float | None = _UNSET, metadata: Metadata | None = None) -> list[int]:
+        request = text_generation_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        response = await self._unary(self._generation.Tokenize, request, timeout, metadata)
+        return list(response.token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False,
+                         timeout: float | None = _UNSET, metadata: Metadata | None = None) -> str:
+        request = text_generation_pb2.DetokenizeRequest(
+            token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return (await self._unary(self._generation.Detokenize, request, timeout, metadata)).text
+
+    async def info(self, *, timeout: float | None = _UNSET, metadata: Metadata | None = None
+                   ) -> text_generation_pb2.GetModelInfoResponse:
+        return await self._unary(self._generation.GetModelInfo,
+                                 text_generation_pb2.GetModelInfoRequest(), timeout, metadata)
+
+    async def load(self, *, timeout: float | None = _UNSET, metadata: Metadata | None = None
+                   ) -> text_generation_pb2.GetServerLoadResponse:
+        return await self._unary(self._generation.GetServerLoad,
+                                 text_generation_pb2.GetServerLoadRequest(), timeout, metadata)
+
+    async def submit(self, prompt: str | Sequence[int], *, job_priority: str | int | None = None,
+                     idempotency_key: str | None = None, queue_ttl: float | None = None,
+                     result_retention: float | None = None, max_attempts: int | None = None,
+                     webhook_url: str | None = None, labels: Mapping[str, str] | None = None,
+                     timeout: float | None = _UNSET, metadata: Metadata | None = None,
+                     **options: Any) -> jobs_pb2.SubmitJobResponse:
+        request = _params.submit_request(
+            prompt, idempotency_key=idempotency_key or uuid.uuid4().hex,
+            job_priority_value=job_priority, queue_ttl=queue_ttl,
+            result_retention=result_retention, max_attempts=max_attempts,
+            webhook_url=webhook_url, labels=labels, options=options)
+        return await self._unary(self._jobs.SubmitJob, request, timeout, metadata)
+
+    async def get(self, job_id: str, *, timeout: float | None = _UNSET,
+                  metadata: Metadata | None = None) -> jobs_pb2.Job:
+        response = await self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id),
+                                     timeout, metadata)
+        return response.job
+
+    def watch(self, job_id: str, from_token_offset: int = 0, *, timeout: float | None = _UNSET,
+              metadata: Metadata | None = None) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        request = jobs_pb2.WatchJobRequest(job_id=job_id, from_token_offset=from_token_offset)
+        return self._server_stream(self._jobs.WatchJob, request, timeout, metadata)
+
+    async def cancel(self, job_id: str, *, timeout: float | None = _UNSET,
+                     metadata: Metadata | None = None) -> jobs_pb2.Job:
+        response = await self._unary(self._jobs.CancelJob,
+                                     jobs_pb2.CancelJobRequest(job_id=job_id), timeout, metadata)
+        return response.job
+
+    async def list_jobs(self, states: Sequence[str | int] | None = None, *, page_size: int = 0,
+                        page_token: str = "", timeout: float | None = _UNSET,
+                        metadata: Metadata | None = None) -> jobs_pb2.ListJobsResponse:
+        request = jobs_pb2.ListJobsRequest(states=_params.job_states(states), page_size=page_size,
+                                           page_token=page_token)
+        return await self._unary(self._jobs.ListJobs, request, timeout, metadata)
+
+    async def delete(self, job_id: str, *, timeout: float | None = _UNSET,
+                     metadata: Metadata | None = None) -> None:
+        await self._unary(self._jobs.DeleteJob, jobs_pb2.DeleteJobRequest(job_id=job_id),
+                          timeout, metadata)
+
+    async def wait(self, job_id: str, timeout: float | None = None, *,
+                   poll_interval: float = 0.5, metadata: Metadata | None = None) -> jobs_pb2.Job:
+        deadline = Deadline(timeout)
+        watch_supported = True
+        attempt = 0
+        unavailable = 0
+        while True:
+            try:
+                job = await self.get(job_id, timeout=deadline.remaining(), metadata=metadata)
+                if job.state in _params.TERMINAL_JOB_STATES:
+                    return job
+                if watch_supported:
+                    events = self.watch(job_id, job.completion_tokens,
+                                        timeout=deadline.remaining(), metadata=metadata)
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            unavailable = 0
+                            if event.WhichOneof("event") == "ended":
+                                return event.ended
+                    attempt = 0
+            except TokenRelayError as error:
+                if error.code == grpc.StatusCode.UNIMPLEMENTED and watch_supported:
+                    watch_supported = False
+                elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
+                    raise _wait_timeout(job_id, timeout) from None
+                elif error.code != grpc.StatusCode.UNAVAILABLE or unavailable >= self._retry.retries:
+                    raise
+                else:
+                    unavailable += 1
+            pause = poll_interval if not watch_supported else self._retry.backoff(attempt)
+            attempt += 1
+            remaining = deadline.remaining()
+            if remaining is not None and pause >= remaining:
+                raise _wait_timeout(job_id, timeout)
+            await asyncio.sleep(pause)
+
+
+def _wait_timeout(job_id: str, timeout: float | None) -> DeadlineExceededError:
+    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"job {job_id} did not end within {timeout} s")

@@ -1,0 +1,230 @@
+"""Client (blocking) for the tokenrelay.v1 API; AsyncClient (asyncio) has the same methods.
+
+    from tokenrelay import Client
+    with Client("localhost:50051", timeout=30) as client:
+        result = client.generate("Hello", max_tokens=32, temperature=0)
+        for delta in (stream := client.stream("Hello", max_tokens=32)):
+            print(delta.text, end="", flush=True)
+        print(stream.finish_reason, stream.usage)
+
+Every call takes `timeout=` (seconds, for the whole call including retries; default: the
+client's) and `metadata=` (extra (key, value) pairs). UNAVAILABLE is retried with jittered
+backoff (streams only before their first event); every other failure raises a TokenRelayError
+subclass at once (see tokenrelay.errors).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from tokenrelay import _params
+from tokenrelay._aio import AsyncClient
+from tokenrelay._retry import UNSET as _UNSET
+from tokenrelay._retry import Deadline, Metadata, RetryPolicy, merge_metadata
+from tokenrelay._streams import GenerationStream, iterate_with_retry
+from tokenrelay.errors import DeadlineExceededError, TokenRelayError, from_rpc_error
+from tokenrelay.v1 import (
+    generation_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
+)
+
+__all__ = ["Client", "AsyncClient", "GenerationStream"]
+
+class Client:
+    """Blocking client. `target` is "host:port"; pass `credentials` (grpc.ChannelCredentials)
+    for TLS. `retries` is how many times UNAVAILABLE is retried. Use as a context manager or
+    call `close()`."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, retries: int = 3,
+                 metadata: Metadata | Mapping[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds or None")
+        self.target = target
+        self.timeout = timeout
+        self._retry = RetryPolicy(retries=retries)
+        self._metadata = merge_metadata((), metadata)
+        channel_options = list(options or ())
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._generation = text_generation_pb2_grpc.TextGenerationStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, e.g. for grpc.health.v1 or reflection stubs."""
+        return self._channel
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self.timeout if timeout is _UNSET else timeout)
+
+    def _unary(self, method: Any, request: Any, timeout: float | None, metadata: Any) -> Any:
+        deadline = self._deadline(timeout)
+        md = merge_metadata(self._metadata, metadata)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=md)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                delay = self._retry.next_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            time.sleep(delay)
+            attempt += 1
+
+    def _server_stream(self, method: Any, request: Any, timeout: float | None,
+                       metadata: Any) -> Iterator[Any]:
+        md = merge_metadata(self._metadata, metadata)
+        return iterate_with_retry(lambda t: method(request, timeout=t, metadata=md),
+                                  self._retry, self._deadline(timeout))
+
+    # -- text generation --------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = _UNSET,
+                 metadata: Metadata | None = None, **options: Any) -> generation_pb2.GenerationResult:
+        """Generate the whole answer. Options: see tokenrelay._params.GENERATION_OPTIONS."""
+        request = text_generation_pb2.GenerateRequest(
+            params=_params.generation_params(prompt, options))
+        return self._unary(self._generation.Generate, request, timeout, metadata).result
+
+    def stream(self, prompt: str | Sequence[int], *, timeout: float | None = _UNSET,
+               metadata: Metadata | None = None, **options: Any) -> GenerationStream:
+        """Start a streaming generation; iterate the returned stream for StreamDelta events."""
+        request = text_generation_pb2.GenerateStreamRequest(
+            params=_params.generation_params(prompt, options))
+        return GenerationStream(self._server_stream(
+            self._generation.GenerateStream, request, timeout, metadata))
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = False,
+                 timeout: float | None = _UNSET, metadata: Metadata | None = None) -> list[int]:
+        request = text_generation_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list(self._unary(self._generation.Tokenize, request, timeout, metadata).token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False,
+                   timeout: float | None = _UNSET, metadata: Metadata | None = None) -> str:
+        request = text_generation_pb2.DetokenizeRequest(
+            token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return self._unary(self._generation.Detokenize, request, timeout, metadata).text
+
+    def info(self, *, timeout: float | None = _UNSET, metadata: Metadata | None = None
+             ) -> text_generation_pb2.GetModelInfoResponse:
+        """Model name, context length, vocab size, eos ids, limits and engine kind."""
+        return self._unary(self._generation.GetModelInfo, text_generation_pb2.GetModelInfoRequest(),
+                           timeout, metadata)
+
+    def load(self, *, timeout: float | None = _UNSET, metadata: Metadata | None = None
+             ) -> text_generation_pb2.GetServerLoadResponse:
+        """Running / waiting requests, KV cache use, queue depth, draining."""
+        return self._unary(self._generation.GetServerLoad,
+                           text_generation_pb2.GetServerLoadRequest(), timeout, metadata)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | Sequence[int], *, job_priority: str | int | None = None,
+               idempotency_key: str | None = None, queue_ttl: float | None = None,
+               result_retention: float | None = None, max_attempts: int | None = None,
+               webhook_url: str | None = None, labels: Mapping[str, str] | None = None,
+               timeout: float | None = _UNSET, metadata: Metadata | None = None,
+               **options: Any) -> jobs_pb2.SubmitJobResponse:
+        """Submit a durable job; returns once stored (`.job`, and `.created` False when the
+        idempotency key matched an existing job). Without an idempotency key one is made up,
+        so a retried submit never creates two jobs. `job_priority`: urgent|standard|bulk."""
+        request = _params.submit_request(
+            prompt, idempotency_key=idempotency_key or uuid.uuid4().hex,
+            job_priority_value=job_priority, queue_ttl=queue_ttl,
+            result_retention=result_retention, max_attempts=max_attempts,
+            webhook_url=webhook_url, labels=labels, options=options)
+        return self._unary(self._jobs.SubmitJob, request, timeout, metadata)
+
+    def get(self, job_id: str, *, timeout: float | None = _UNSET,
+            metadata: Metadata | None = None) -> jobs_pb2.Job:
+        return self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id),
+                           timeout, metadata).job
+
+    def watch(self, job_id: str, from_token_offset: int = 0, *, timeout: float | None = _UNSET,
+              metadata: Metadata | None = None) -> Iterator[jobs_pb2.WatchJobResponse]:
+        """State changes and token deltas from `from_token_offset`; ends after `ended`."""
+        request = jobs_pb2.WatchJobRequest(job_id=job_id, from_token_offset=from_token_offset)
+        return self._server_stream(self._jobs.WatchJob, request, timeout, metadata)
+
+    def cancel(self, job_id: str, *, timeout: float | None = _UNSET,
+               metadata: Metadata | None = None) -> jobs_pb2.Job:
+        return self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id),
+                           timeout, metadata).job
+
+    def list_jobs(self, states: Sequence[str | int] | None = None, *, page_size: int = 0,
+                  page_token: str = "", timeout: float | None = _UNSET,
+                  metadata: Metadata | None = None) -> jobs_pb2.ListJobsResponse:
+        """One page of jobs (`.jobs`, `.next_page_token`), optionally only in `states`."""
+        request = jobs_pb2.ListJobsRequest(states=_params.job_states(states), page_size=page_size,
+                                           page_token=page_token)
+        return self._unary(self._jobs.ListJobs, request, timeout, metadata)
+
+    def delete(self, job_id: str, *, timeout: float | None = _UNSET,
+               metadata: Metadata | None = None) -> None:
+        self._unary(self._jobs.DeleteJob, jobs_pb2.DeleteJobRequest(job_id=job_id),
+                    timeout, metadata)
+
+    def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.5,
+             metadata: Metadata | None = None) -> jobs_pb2.Job:
+        """Block until the job reaches a terminal state and return it. Watches the job (polls
+        GetJob if the server has no WatchJob); raises DeadlineExceededError after `timeout`."""
+        deadline = Deadline(timeout)
+        watch_supported = True
+        attempt = 0
+        unavailable = 0  # consecutive UNAVAILABLE failures (each already retried)
+        while True:
+            try:
+                job = self.get(job_id, timeout=deadline.remaining(), metadata=metadata)
+                if job.state in _params.TERMINAL_JOB_STATES:
+                    return job
+                if watch_supported:
+                    for event in self.watch(job_id, job.completion_tokens,
+                                            timeout=deadline.remaining(), metadata=metadata):
+                        unavailable = 0
+                        if event.WhichOneof("event") == "ended":
+                            return event.ended
+                    attempt = 0
+            except TokenRelayError as error:
+                if error.code == grpc.StatusCode.UNIMPLEMENTED and watch_supported:
+                    watch_supported = False
+                elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
+                    raise _wait_timeout(job_id, timeout) from None
+                elif error.code != grpc.StatusCode.UNAVAILABLE or unavailable >= self._retry.retries:
+                    raise
+                else:
+                    unavailable += 1
+            pause = poll_interval if not watch_supported else self._retry.backoff(attempt)
+            attempt += 1
+            remaining = deadline.remaining()
+            if remaining is not None and pause >= remaining:
+                raise _wait_timeout(job_id, timeout)
+            time.sleep(pause)
+
+
+def _wait_timeout(job_id: str, timeout: float | None) -> DeadlineExceededError:
+    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"job {job_id} did not end within {timeout} s")

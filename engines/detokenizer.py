@@ -1,0 +1,135 @@
+"""Incremental, UTF-8 safe detokenization with stop strings.
+
+Decoding token by token breaks multi-byte characters: a byte-level BPE (or byte-fallback)
+token may carry only part of a character, which decodes to U+FFFD. We decode a short window
+of ids twice — up to `read_offset` (already emitted) and up to the end — and emit the
+difference only once it no longer ends in an incomplete character (the field's
+prefix_offset / read_offset scheme).
+
+Stop strings: text that may be the start of a stop string is held back until it is not. A
+matched stop string never reaches the output (or ends it, with include_stop_in_output), and
+everything after the match is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from tokenizers import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+_CONTEXT_TOKENS = 5  # prompt tokens decoded as left context (spacing, merges)
+
+
+class IncrementalDetokenizer:
+    """Text view of one sequence's output tokens. Implements the scheduler's StopChecker."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Seq[int],
+        stop: Seq[str] = (),
+        include_stop_in_output: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop_in_output
+        self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._text = ""  # decoded output text, not yet released (with what it may still match)
+        self._released = 0  # chars of _text handed out through take_text()
+        self._emittable = 0  # chars of _text that may be released
+        self.stopped: str | None = None  # the stop string matched, once one is
+
+    # ---- decoding -----------------------------------------------------------------------
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+    def _decode_new(self, force: bool) -> str:
+        """Text completed by ids since read_offset; '' while a character is incomplete."""
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
+        if len(full) <= len(prefix) or (full.endswith(_REPLACEMENT) and not force):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full[len(prefix):]
+
+    # ---- the StopChecker side (engine thread, via the scheduler) ------------------------
+
+    def append(self, token_id: int, allow_stop: bool = True) -> str | None:
+        """Take one output token; return the stop string it completed, if any."""
+        if self.stopped is not None:
+            return self.stopped
+        self._ids.append(token_id)
+        self._absorb(self._decode_new(force=False), allow_stop)
+        return self.stopped
+
+    def finish(self) -> None:
+        """No more tokens: decode what is pending and release held-back text."""
+        if self.stopped is None:
+            self._absorb(self._decode_new(force=True), allow_stop=True)
+        if self.stopped is None:
+            self._emittable = len(self._text)
+
+    def _absorb(self, new_text: str, allow_stop: bool) -> None:
+        if not new_text:
+            return
+        search_from = self._emittable
+        self._text += new_text
+        if not self._stop:
+            self._emittable = len(self._text)
+            return
+        if allow_stop:
+            match = self._find_stop(search_from)
+            if match is not None:
+                pos, stop = match
+                end = pos + len(stop) if self._include_stop else pos
+                self._text = self._text[:end]
+                self._emittable = end
+                self.stopped = stop
+                return
+        self._emittable = len(self._text) - self._held_back()
+
+    def _find_stop(self, start: int) -> tuple[int, str] | None:
+        best: tuple[int, str] | None = None
+        for stop in self._stop:
+            pos = self._text.find(stop, start)
+            if pos >= 0 and (best is None or pos < best[0] or (pos == best[0] and len(stop) > len(best[1]))):
+                best = (pos, stop)
+        return best
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the pending text that starts some stop string."""
+        tail = self._text[self._emittable:]
+        held = 0
+        for stop in self._stop:
+            for k in range(min(len(stop) - 1, len(tail)), held, -1):
+                if tail.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+    # ---- the publishing side ------------------------------------------------------------
+
+    def take_text(self) -> str:
+        """Text released since the previous call."""
+        out = self._text[self._released:self._emittable]
+        self._released = self._emittable
+        # Keep only what stop matching can still need.
+        if self._released > self._max_stop_len:
+            cut = self._released - self._max_stop_len
+            self._text = self._text[cut:]
+            self._released -= cut
+            self._emittable -= cut
+        return out
+
+    @property
+    def output_text_len(self) -> int:
+        return self._emittable

@@ -1,0 +1,303 @@
+"""Iteration-level continuous batching over plain Python state.
+
+Each step `schedule()` builds one batch under a token budget: decode tokens of running
+sequences first, then chunked prefill (partially prefilled running sequences, then waiting
+ones admitted in (priority, arrival) order). When KV blocks run out, the lowest-priority,
+youngest running sequence is preempted by recompute. `update()` folds the runner's sampled
+tokens back in and runs the stop checks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from engines.base import FinishReason
+from engines.config import SchedulerConfig
+from engines.scheduler.block_manager import BlockManager
+from engines.scheduler.sequence import (
+    RunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    Sequence,
+    SequenceStatus,
+)
+
+
+class StopChecker(Protocol):
+    """Per-sequence text view (the engine's incremental detokenizer)."""
+
+    def append(self, token_id: int, allow_stop: bool) -> str | None:
+        """Take one output token; return the stop string it completed, if any."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        eos_token_ids: tuple[int, ...] | list[int],
+        max_model_len: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.waiting: list[Sequence] = []  # sorted by _key
+        self.running: list[Sequence] = []  # sorted by _key
+        self.num_preemptions = 0
+        self._keys: dict[str, tuple[int, float, int]] = {}
+        self._stop_checkers: dict[str, StopChecker] = {}
+        self._counter = itertools.count()
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def _key(self, seq: Sequence) -> tuple[int, float, int]:
+        return self._keys[seq.request_id]
+
+    def _insert(self, queue: list[Sequence], seq: Sequence) -> None:
+        bisect.insort(queue, seq, key=self._key)
+
+    def add(self, seq: Sequence, stop_checker: StopChecker | None = None) -> None:
+        """Queue `seq`. A sequence that can never run is finished at once with LENGTH."""
+        rid = seq.request_id
+        if rid in self._keys:
+            raise ValueError(f"request {rid!r} is already scheduled")
+        req = seq.request
+        self._keys[rid] = (req.priority, req.arrival_time, next(self._counter))
+        if stop_checker is not None:
+            self._stop_checkers[rid] = stop_checker
+        seq.status = SequenceStatus.WAITING
+        if seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+            return
+        self._insert(self.waiting, seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish the request with CANCELLED and free its blocks; None if not held here."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    self._finish(seq, FinishReason.CANCELLED)
+                    return seq
+        return None
+
+    def finish_expired(self, now: float | None = None) -> list[Sequence]:
+        """Finish every sequence whose deadline has passed with DEADLINE."""
+        now = self.clock() if now is None else now
+        expired = [s for s in self.waiting + self.running
+                   if s.request.deadline is not None and now >= s.request.deadline]
+        for seq in expired:
+            self._finish(seq, FinishReason.DEADLINE)
+        return expired
+
+    def next_deadline(self) -> float | None:
+        deadlines = [s.request.deadline for s in self.waiting + self.running
+                     if s.request.deadline is not None]
+        return min(deadlines, default=None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        rid = seq.request_id
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self._keys.pop(rid, None)
+        self._stop_checkers.pop(rid, None)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: list[int]) -> None:
+        """Preempt by recompute: free the blocks, back to waiting, keep the output tokens."""
+        for i, chunk in enumerate(out.chunks):
+            if chunk.seq is seq:
+                budget[0] += chunk.num_new_tokens
+                del out.chunks[i]
+                break
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+        self._insert(self.waiting, seq)
+        out.preempted.append(seq)
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = [self.config.max_num_batched_tokens]  # boxed: _preempt refunds into it
+
+        # 1. decode: one token for every running sequence whose prompt is computed
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
+                continue
+            if budget[0] < 1:
+                break
+            if self._grow(seq, seq.num_tokens, out, budget):
+                self._emit(seq, 1, out, budget)
+
+        # 2. chunked prefill of running sequences not fully computed yet
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens >= seq.num_tokens - 1:
+                continue
+            if budget[0] < 1:
+                break
+            n = self._fit_chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget[0]), out, budget)
+            if n > 0:
+                self._emit(seq, n, out, budget)
+
+        # 3. admit waiting sequences in (priority, arrival) order; none when blocks ran short
+        #    above, and never one preempted in this very step (no thrashing)
+        if out.preempted or out.finished:
+            return out
+        while self.waiting and budget[0] > 0:
+            seq = self.waiting[0]
+            if any(p is seq for p in out.preempted):
+                break
+            if seq.num_computed_tokens == 0 and not seq.block_table:
+                cached = self.block_manager.allocate_prefix(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = cached
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget[0])
+            room = self._make_room(seq, want, out, budget)
+            want = min(want, budget[0])
+            n = min(want, self.block_manager.capacity(seq) - seq.num_computed_tokens)
+            if not room or n < 1:
+                never_fits = not self.running and n < 1  # the whole pool cannot take one more token
+                self.block_manager.free(seq)  # drop the prefix blocks it was about to share
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                if never_fits:
+                    self._finish(seq, FinishReason.LENGTH)
+                    out.finished.append(seq)
+                    continue
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = self.clock()
+            self._insert(self.running, seq)
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            self._emit(seq, n, out, budget)
+        return out
+
+    def _emit(self, seq: Sequence, n: int, out: SchedulerOutput, budget: list[int]) -> None:
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+        budget[0] -= n
+
+    def _victim(self) -> Sequence | None:
+        return self.running[-1] if self.running else None
+
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput, budget: list[int]) -> bool:
+        """Cover `num_tokens` for running `seq`, preempting from the tail; False if seq itself went."""
+        bm = self.block_manager
+        while not bm.can_allocate(seq, num_tokens):
+            victim = self._victim()
+            if victim is seq and len(self.running) == 1:
+                # Alone and still out of blocks: the pool can never hold it.
+                self._finish(seq, FinishReason.LENGTH)
+                out.finished.append(seq)
+                return False
+            self._preempt(victim, out, budget)
+            if victim is seq:
+                return False
+        bm.allocate(seq, num_tokens)
+        return True
+
+    def _fit_chunk(self, seq: Sequence, want: int, out: SchedulerOutput, budget: list[int]) -> int:
+        """Largest prefill chunk <= want that blocks allow (preempting if none does)."""
+        bm = self.block_manager
+        start = seq.num_computed_tokens
+        if bm.capacity(seq) - start < 1 and not self._grow(seq, start + 1, out, budget):
+            return 0
+        n = min(want, budget[0], bm.capacity(seq) - start)
+        if n < 1:
+            return 0
+        bm.allocate(seq, start + n)
+        return n
+
+    def _make_room(self, seq: Sequence, want: int, out: SchedulerOutput, budget: list[int]) -> bool:
+        """Admission check for waiting `seq`; preempt strictly worse running ones if needed."""
+        bm = self.block_manager
+        start = seq.num_computed_tokens
+        while True:
+            seats = len(self.running) < self.config.max_num_seqs
+            blocks = bm.can_allocate(seq, start + want) or (not self.running and bm.capacity(seq) > start)
+            if seats and blocks:
+                return True
+            victim = self._victim()
+            if victim is None or self._key(victim)[0] <= self._key(seq)[0]:
+                # No strictly worse running sequence: admit a shorter chunk if blocks allow.
+                return seats and bm.capacity(seq) - start >= min(want, bm.block_size)
+            self._preempt(victim, out, budget)
+
+    # ---- fold the runner's answer back in ----------------------------------------------
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Sequence]:
+        """Append sampled tokens, run stop checks, free finished; return the sequences touched."""
+        now = self.clock()
+        touched: list[Sequence] = []
+        for chunk in scheduler_output.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted or finished since schedule()
+            seq.num_computed_tokens = chunk.end
+            if chunk.start < seq.num_prompt_tokens:
+                self.block_manager.register_prefix(seq)
+            if chunk.sample:
+                rid = seq.request_id
+                if rid not in runner_output.token_ids:
+                    raise RuntimeError(f"runner returned no token for {rid!r}")
+                token = runner_output.token_ids[rid]
+                seq.token_ids.append(token)
+                logprob = runner_output.logprobs.get(rid)
+                if logprob is not None:
+                    seq.output_logprobs.append(logprob)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self._check_stop(seq, token, now)
+            touched.append(seq)
+        return touched
+
+    def _check_stop(self, seq: Sequence, token: int, now: float) -> None:
+        stopping = seq.request.stopping
+        can_stop = seq.num_output_tokens > stopping.min_tokens
+        if can_stop and not stopping.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, FinishReason.EOS)
+            return
+        if can_stop and token in stopping.stop_token_ids:
+            self._finish(seq, FinishReason.STOP, token)
+            return
+        checker = self._stop_checkers.get(seq.request_id)
+        if checker is not None:
+            matched = checker.append(token, can_stop)
+            if matched is not None:
+                self._finish(seq, FinishReason.STOP, matched)
+                return
+        if seq.num_output_tokens >= stopping.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+            return
+        if seq.request.deadline is not None and now >= seq.request.deadline:
+            self._finish(seq, FinishReason.DEADLINE)

@@ -1,0 +1,139 @@
+"""Attention over the paged KV cache, behind a small backend interface.
+
+The runner flattens one step's chunks into a single token dimension (no padding) and describes
+them with `AttentionMetadata`. A backend writes the step's K/V into the cache at `slot_mapping`
+and attends each query token over its sequence's cached positions (causal). `TorchAttention` is
+the portable implementation (plain torch, CPU or CUDA); a FlashAttention / paged-attention CUDA
+kernel, or a CUDA-graph-captured decode path, slots in by implementing the same two methods.
+
+Sliding-window attention (Mistral v0.1) is not applied: attention is always full-context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Device tensors describing one flattened step, plus the host copies the backend may branch on.
+
+    Sequence i owns query tokens cu_seqlens_q[i]:cu_seqlens_q[i+1] of the flat batch; after this
+    step its cache holds context_lens[i] tokens, found through block_tables[i].
+    """
+
+    positions: torch.Tensor  # [T] int64: position of each flat token
+    slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset where its K/V go
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [B] int64
+    cu_seqlens_q: torch.Tensor  # [B + 1] int64
+    decode_seqs: torch.Tensor  # [D] int64: indices of the sequences with query length 1
+    query_lens_host: list[int]
+    context_lens_host: list[int]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.query_lens_host) != len(self.context_lens_host):
+            raise ValueError("query_lens_host and context_lens_host must have one entry per sequence")
+        if any(q < 1 or q > c for q, c in zip(self.query_lens_host, self.context_lens_host)):
+            raise ValueError("each sequence needs 1 <= query_len <= context_len")
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_host)
+
+
+class AttentionBackend(Protocol):
+    def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Store key/value [T, kv_heads, head_dim] into kv_cache [2, blocks, block_size, kv_heads, head_dim]."""
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """query [T, heads, head_dim] -> output [T, heads, head_dim], causal over cached positions."""
+
+
+class TorchAttention:
+    """Portable backend: scaled_dot_product_attention over K/V gathered from the block tables.
+
+    Decode tokens (query length 1) of a step are attended together in one padded batch;
+    prefill chunks are attended one sequence at a time (their shapes come from host ints, so
+    no device synchronisation is needed).
+    """
+
+    def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+        kv_cache[0].view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key)
+        kv_cache[1].view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value)
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        out = torch.empty_like(query)
+        decode_rows = [i for i, q in enumerate(meta.query_lens_host) if q == 1]
+        if decode_rows:
+            self._decode(query, kv_cache, meta, scale, decode_rows, out)
+        if len(decode_rows) == meta.num_seqs:
+            return out
+        start = 0
+        for i, (q_len, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
+            if q_len > 1:
+                out[start:start + q_len] = self._prefill_one(
+                    query[start:start + q_len], kv_cache, meta.block_tables[i], ctx, meta.block_size, scale)
+            start += q_len
+        return out
+
+    @staticmethod
+    def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # block_ids [..., n] -> key/value [..., n * block_size, kv_heads, head_dim]
+        k = kv_cache[0][block_ids]
+        v = kv_cache[1][block_ids]
+        shape = (*block_ids.shape[:-1], -1, *k.shape[-2:])
+        return k.reshape(shape), v.reshape(shape)
+
+    def _prefill_one(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     ctx: int, block_size: int, scale: float) -> torch.Tensor:
+        q_len = q.shape[0]
+        num_blocks = -(-ctx // block_size)
+        k, v = self._gather(kv_cache, block_table[:num_blocks])
+        k, v = k[:ctx].transpose(0, 1), v[:ctx].transpose(0, 1)  # [kv_heads, ctx, d]
+        qh = q.transpose(0, 1)  # [heads, q_len, d]
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float, rows: list[int], out: torch.Tensor) -> None:
+        if len(rows) == meta.num_seqs:
+            token_idx = None  # every sequence decodes: the flat token i is sequence i
+            q = query
+            tables, lens = meta.block_tables, meta.context_lens
+            max_ctx = max(meta.context_lens_host)
+        else:
+            rows_t = meta.decode_seqs
+            token_idx = meta.cu_seqlens_q[rows_t]
+            q = query[token_idx]
+            tables, lens = meta.block_tables[rows_t], meta.context_lens[rows_t]
+            max_ctx = max(meta.context_lens_host[i] for i in rows)
+        num_blocks = -(-max_ctx // meta.block_size)
+        k, v = self._gather(kv_cache, tables[:, :num_blocks])  # [B, n, kv_heads, d]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv_heads, n, d]
+        mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True).squeeze(2)
+        if token_idx is None:
+            out.copy_(o)
+        else:
+            out[token_idx] = o

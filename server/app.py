@@ -1,0 +1,174 @@
+"""Build, start, drain and stop the grpc.aio server around one engine.
+
+`start_server(config)` listens first (health answers NOT_SERVING), then runs start-up in the
+background: engine.start(), one warm-up generation, readiness SERVING, and the engine watchdog.
+The returned `ServerHandle` is what `server.main` and the in-process tests drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
+
+from engines.base import AsyncEngine, FinishReason, Request, SamplingParams, StoppingCriteria
+from server.admission import AdmissionController
+from server.config import ServerConfig
+from server.health import ServingState, watch_engine
+from server.text_generation import TextGenerationServicer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: ServerConfig) -> AsyncEngine:
+    """The engine `config.engine` names, built from its typed config (torch imported lazily)."""
+    if config.engine == "synthetic":
+        from engines.synthetic import SyntheticEngine
+
+        return SyntheticEngine(config.synthetic)
+    from engines.torch.engine import TorchEngine
+
+    return TorchEngine(config.torch)
+
+
+async def warm_up(engine: AsyncEngine) -> None:
+    """One short greedy generation through the whole engine path; raises if it fails."""
+    request = Request(request_id=f"warmup-{uuid.uuid4().hex[:8]}",
+                      prompt_token_ids=engine.tokenize("warm up") or [0],
+                      sampling=SamplingParams(temperature=0.0, seed=0),
+                      stopping=StoppingCriteria(max_tokens=2, ignore_eos=True),
+                      arrival_time=time.monotonic())
+    final = None
+    async for out in engine.add_request(request):
+        if out.finished:
+            final = out
+    if final is None or final.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+        raise RuntimeError(f"warm-up generation failed: {final.error if final else 'no final output'}")
+
+
+def _jobs_servicer(engine: AsyncEngine, state: ServingState, config: ServerConfig) -> jobs_pb2_grpc.JobsServicer:
+    # ---- JOBS SERVICE WIRING: the one place the Jobs servicer is chosen. ------------------
+    # The base servicer answers UNIMPLEMENTED; the lead swaps in server.jobs' servicer here.
+    del engine, state, config
+    return jobs_pb2_grpc.JobsServicer()
+
+
+@dataclass(slots=True, eq=False)
+class ServerHandle:
+    server: grpc.aio.Server
+    port: int
+    engine: AsyncEngine
+    health: ServingState
+    admission: AdmissionController
+    config: ServerConfig
+    startup: asyncio.Task | None = None  # engine.start + warm-up; set by start_server
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("localhost" if host == "::" else host)
+        return f"{host}:{self.port}"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for start-up (engine.start + warm-up); re-raises its failure."""
+        assert self.startup is not None
+        await asyncio.wait_for(asyncio.shield(self.startup), timeout)
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Readiness NOT_SERVING and refuse new calls; wait (bounded) for in-flight calls.
+
+        Returns True when every in-flight interactive call finished within the grace period.
+        """
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        await self.health.set_draining()
+        return await self.admission.wait_idle(grace)
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop serving (cancelling calls still running after `grace`) and shut the engine down."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.set_draining()
+        await self.server.stop(grace)
+        for task in (self.startup, *self._tasks):
+            if task is None:
+                continue
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await self.engine.shutdown()
+
+
+def _bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+async def _start_up(handle: ServerHandle) -> None:
+    try:
+        await handle.engine.start()
+        if handle.config.warmup:
+            await warm_up(handle.engine)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await handle.health.set_dead(f"start-up failed: {type(exc).__name__}: {exc}")
+        raise
+    await handle.health.set_serving()
+    handle._tasks.append(asyncio.create_task(
+        watch_engine(handle.engine, handle.health, handle.config.health_check_interval_seconds),
+        name="tokenrelay-engine-watchdog"))
+    log.info("ready: engine %s warmed up", handle.engine.info().engine or type(handle.engine).__name__)
+
+
+async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, *,
+                       wait_ready: bool = True) -> ServerHandle:
+    """Listen on config.host:config.port (0: ephemeral), then start the engine and warm up.
+
+    With `wait_ready` it returns once SERVING (raising if start-up failed); otherwise at once,
+    with start-up running in `handle.startup`.
+    """
+    engine = engine if engine is not None else build_engine(config)
+    state = ServingState()
+    await state.initialize()
+    admission = AdmissionController(config.admission)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
+        TextGenerationServicer(engine, state, admission), server)
+    jobs_pb2_grpc.add_JobsServicer_to_server(_jobs_servicer(engine, state, config), server)
+    health_pb2_grpc.add_HealthServicer_to_server(state.servicer, server)
+    reflection.enable_server_reflection((
+        text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
+        jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ), server)
+    port = server.add_insecure_port(_bind_address(config.host, config.port))
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    handle = ServerHandle(server=server, port=port, engine=engine, health=state, admission=admission,
+                          config=config)
+    handle.startup = asyncio.create_task(_start_up(handle), name="tokenrelay-startup")
+    if wait_ready:
+        try:
+            await handle.startup
+        except BaseException:
+            await server.stop(0)
+            raise
+    return handle

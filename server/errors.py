@@ -1,0 +1,127 @@
+"""Every error the server returns is mapped here, once, to a gRPC status with google.rpc details.
+
+Servicers raise domain exceptions (`InvalidRequest`, `AdmissionRejected`, `ServerDraining`,
+`EngineDeadError`, `NotFound`, ...) and wrap handlers in `abort_on_error`, which turns them
+into `context.abort_with_status(...)`. Nothing is ever returned with status OK on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from engines.base import EngineDeadError, InvalidRequest
+
+log = logging.getLogger(__name__)
+ERROR_DOMAIN = "tokenrelay.dev"
+
+
+class ServerError(Exception):
+    """Base of the server's own errors; `code` is the gRPC status code."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequests(InvalidRequest):
+    """Several bad fields at once: each (field path, description). `field` is the first."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        if not violations:
+            raise ValueError("InvalidRequests needs at least one violation")
+        super().__init__(*violations[0])
+        self.violations = list(violations)
+        self.args = ("; ".join(f"{f}: {d}" for f, d in violations),)
+
+
+class AdmissionRejected(ServerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float, reason: str = "QUEUE_FULL") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+class ServerDraining(ServerError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotReady(ServerError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServerError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServerError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class NotFound(ServerError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(ServerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class EngineFailed(ServerError):
+    code = grpc.StatusCode.INTERNAL
+
+
+def _pack(status: status_pb2.Status, detail) -> None:
+    status.details.add().Pack(detail)
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status for `exc` (never OK)."""
+    if isinstance(exc, InvalidRequest):
+        violations = exc.violations if isinstance(exc, InvalidRequests) else [(exc.field, exc.description)]
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
+                                   message="; ".join(f"{f}: {d}" for f, d in violations))
+        _pack(status, error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]))
+        return status
+    if isinstance(exc, EngineDeadError):
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"engine unavailable: {exc}")
+        _pack(status, _error_info("ENGINE_DEAD"))
+        return status
+    if not isinstance(exc, ServerError):
+        log.exception("unexpected error in handler", exc_info=exc)
+        return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}")
+    code = exc.code.value[0]
+    if code == code_pb2.OK:  # pragma: no cover - guarded: never report an error as OK
+        code = code_pb2.INTERNAL
+    status = status_pb2.Status(code=code, message=exc.message)
+    if isinstance(exc, AdmissionRejected):
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(0, round(exc.retry_after_s * 1000)))
+        _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
+        _pack(status, _error_info(exc.reason))
+    elif isinstance(exc, ServerDraining):
+        _pack(status, _error_info("DRAINING"))
+    elif isinstance(exc, NotReady):
+        _pack(status, _error_info("NOT_READY"))
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Abort the call with the status for `exc`; raises (as grpc.aio's abort does)."""
+    await context.abort_with_status(rpc_status.to_status(to_status(exc)))

@@ -1,0 +1,466 @@
+"""The shared job store: Redis, for many replicas.
+
+Keys (prefix `tr`):
+  tr:job:{id}          hash: doc (the job as JSON), state, entry (its queue stream entry while claimed)
+  tr:deltas:{id}       list: persisted output deltas, for resumable watches
+  tr:ev:{id}           stream: one entry per job version (id `{version}-0`); watchers XREAD BLOCK it
+  tr:idem:{key}        string: idempotency key -> job id
+  tr:index             sorted set (lex): `{create_ns}:{id}`, for ListJobs
+  tr:qdeadline         sorted set: queued job -> queue deadline, for TTL expiry
+  tr:deleteat          sorted set: ended job -> delete time, for retention
+  tr:queue:{tier}      stream + consumer group `workers`: the queue, one per priority tier
+
+A claim reads its tier stream with XREADGROUP (new entries) or XAUTOCLAIM (entries idle for a
+whole lease: their replica stopped heart-beating). The owner's heartbeat XCLAIMs its entry to
+reset the idle time; the terminal transition XACKs and deletes it. Every job change is one
+WATCH/MULTI transaction on the job hash; ended jobs also get a key TTL past their retention.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+
+from server.jobs.model import (
+    TIERS_IN_CLAIM_ORDER, Delta, Job, JobError, JobNotFound, JobState, JobTier, WebhookDelivery, claim_job,
+    owned_by, queue_expired, requeue_or_dead_letter, transition,
+)
+from server.jobs.store import JobStore, check_idempotency
+
+GROUP = "workers"
+_TTL_MARGIN = 60  # key TTL past retention; the sweeper deletes on time, the TTL is the backstop
+Extra = Callable[[Any, Job, str | None], None]
+
+
+class RedisJobStore(JobStore):
+    def __init__(self, url: str, *, prefix: str = "tr") -> None:
+        self._url = url
+        self._p = prefix
+        self._r: aioredis.Redis | None = None
+
+    # -- keys -------------------------------------------------------------------------------
+    def _job(self, job_id: str) -> str:
+        return f"{self._p}:job:{job_id}"
+
+    def _deltas(self, job_id: str) -> str:
+        return f"{self._p}:deltas:{job_id}"
+
+    def _ev(self, job_id: str) -> str:
+        return f"{self._p}:ev:{job_id}"
+
+    def _idem(self, key: str) -> str:
+        return f"{self._p}:idem:{key}"
+
+    def _queue(self, tier: JobTier) -> str:
+        return f"{self._p}:queue:{tier.value}"
+
+    @property
+    def _index(self) -> str:
+        return f"{self._p}:index"
+
+    @property
+    def _qdeadline(self) -> str:
+        return f"{self._p}:qdeadline"
+
+    @property
+    def _deleteat(self) -> str:
+        return f"{self._p}:deleteat"
+
+    @property
+    def r(self) -> aioredis.Redis:
+        if self._r is None:
+            raise RuntimeError("job store is not open")
+        return self._r
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._r = aioredis.from_url(self._url, decode_responses=True)
+        await self._r.ping()
+        for tier in TIERS_IN_CLAIM_ORDER:
+            try:
+                await self._r.xgroup_create(self._queue(tier), GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def close(self) -> None:
+        if self._r is not None:
+            await self._r.aclose()
+            self._r = None
+
+    # -- the one write path -----------------------------------------------------------------
+    def _stage_save(self, pipe: Any, job: Job, before: Job, entry: str | None) -> None:
+        """Queue the commands that persist `job` (changed from `before`) inside a MULTI."""
+        key = self._job(job.job_id)
+        pipe.hset(key, mapping={"doc": json.dumps(job.to_dict()), "state": job.state.value})
+        if job.version > before.version:
+            pipe.xadd(self._ev(job.job_id), {"v": str(job.version)}, id=f"{job.version}-0", maxlen=32,
+                      approximate=True)
+        if job.state is not before.state and job.state is not JobState.RUNNING:
+            if entry:  # the claimed queue entry is done with
+                self._stage_ack(pipe, entry)
+                pipe.hdel(key, "entry")
+        if job.state.terminal and not before.state.terminal:
+            pipe.zrem(self._qdeadline, job.job_id)
+            delete_time = job.delete_time
+            if delete_time is not None:
+                pipe.zadd(self._deleteat, {job.job_id: delete_time})
+                ttl = int(job.retention) + _TTL_MARGIN
+                for k in (key, self._deltas(job.job_id), self._ev(job.job_id)):
+                    pipe.expire(k, ttl)
+                if job.idempotency_key:
+                    pipe.expire(self._idem(job.idempotency_key), ttl)
+        elif job.state is JobState.QUEUED and before.state is not JobState.QUEUED:
+            pipe.xadd(self._queue(job.tier), {"job": job.job_id})  # re-queued: a fresh entry
+
+    def _stage_ack(self, pipe: Any, entry: str) -> None:
+        tier, _, entry_id = entry.partition("|")
+        stream = self._queue(JobTier(tier))
+        pipe.xack(stream, GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+
+    async def _mutate(self, job_id: str, fn: Callable[[Job], Any], extra: Extra | None = None) -> tuple[Job, Any]:
+        """WATCH the job, change it with `fn` (False/None: write nothing), MULTI/EXEC; retried on conflict."""
+        key = self._job(job_id)
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    doc, entry = await pipe.hmget(key, ["doc", "entry"])
+                    if doc is None:
+                        raise JobNotFound(job_id)
+                    before = Job.from_dict(json.loads(doc))
+                    job = Job.from_dict(json.loads(doc))
+                    out = fn(job)
+                    if out is False or out is None:
+                        await pipe.unwatch()
+                        return job, out
+                    pipe.multi()
+                    self._stage_save(pipe, job, before, entry)
+                    if extra is not None:
+                        extra(pipe, job, entry)
+                    await pipe.execute()
+                    return job, out
+                except WatchError:
+                    continue
+
+    # -- the API side -----------------------------------------------------------------------
+    async def create(self, job: Job) -> tuple[Job, bool]:
+        idem = self._idem(job.idempotency_key) if job.idempotency_key else None
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    if idem is not None:
+                        await pipe.watch(idem)
+                        existing_id = await pipe.get(idem)
+                        if existing_id is not None:
+                            doc = await self.r.hget(self._job(existing_id), "doc")
+                            if doc is not None:
+                                await pipe.unwatch()
+                                existing = Job.from_dict(json.loads(doc))
+                                check_idempotency(existing, job)
+                                return existing, False
+                    pipe.multi()
+                    if idem is not None:
+                        pipe.set(idem, job.job_id)
+                    pipe.hset(self._job(job.job_id), mapping={"doc": json.dumps(job.to_dict()),
+                                                              "state": job.state.value})
+                    pipe.zadd(self._index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
+                    if job.queue_deadline is not None:
+                        pipe.zadd(self._qdeadline, {job.job_id: job.queue_deadline})
+                    pipe.xadd(self._queue(job.tier), {"job": job.job_id})
+                    await pipe.execute()
+                    return job, True
+                except WatchError:
+                    continue
+
+    async def get(self, job_id: str) -> Job:
+        doc = await self.r.hget(self._job(job_id), "doc")
+        if doc is None:
+            raise JobNotFound(job_id)
+        return Job.from_dict(json.loads(doc))
+
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
+        start = "-" if not page_token else "(" + _decode_token(page_token)
+        found: list[tuple[str, Job]] = []
+        chunk = max(page_size * 2, 50)
+        while len(found) <= page_size:
+            members = await self.r.zrangebylex(self._index, start, "+", start=0, num=chunk)
+            if not members:
+                break
+            async with self.r.pipeline(transaction=False) as pipe:
+                for m in members:
+                    pipe.hget(self._job(m.split(":", 1)[1]), "doc")
+                docs = await pipe.execute()
+            missing = [m for m, d in zip(members, docs) if d is None]
+            if missing:
+                await self.r.zrem(self._index, *missing)
+            for m, d in zip(members, docs):
+                if d is None:
+                    continue
+                job = Job.from_dict(json.loads(d))
+                if not states or job.state in states:
+                    found.append((m, job))
+            start = "(" + members[-1]
+            if len(members) < chunk:
+                break
+        page = found[:page_size]
+        token = _encode_token(page[-1][0]) if len(found) > page_size else ""
+        return [j for _, j in page], token
+
+    async def delete(self, job_id: str) -> None:
+        job = await self.get(job_id)
+        entry = await self.r.hget(self._job(job_id), "entry")
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._job(job_id), self._deltas(job_id))
+            pipe.xadd(self._ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
+            pipe.expire(self._ev(job_id), 60)
+            if job.idempotency_key:
+                pipe.delete(self._idem(job.idempotency_key))
+            pipe.zrem(self._index, f"{int(job.create_time * 1e9):020d}:{job_id}")
+            pipe.zrem(self._qdeadline, job_id)
+            pipe.zrem(self._deleteat, job_id)
+            if entry:
+                self._stage_ack(pipe, entry)
+            await pipe.execute()
+
+    async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
+        raw = await self.r.lrange(self._deltas(job_id), 0, -1)
+        out = []
+        for item in raw:
+            o, to, ids, text = json.loads(item)
+            if o + len(ids) > from_offset or (not ids and o >= from_offset):
+                out.append(Delta(o, tuple(ids), text, to))
+        return out
+
+    async def wait_for_update(self, job_id: str, version: int, timeout: float) -> None:
+        await self.r.xread({self._ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
+
+    # -- the worker side --------------------------------------------------------------------
+    async def claim(self, replica_id: str, lease: float, now: float) -> Job | None:
+        for tier in TIERS_IN_CLAIM_ORDER:
+            stream = self._queue(tier)
+            res = await self.r.xautoclaim(stream, GROUP, replica_id, min_idle_time=int(lease * 1000),
+                                          start_id="0-0", count=16)
+            for entry_id, fields in res[1]:
+                job = await self._claim_entry(tier, entry_id, fields, replica_id, lease, now)
+                if job is not None:
+                    return job
+            for _ in range(16):
+                res = await self.r.xreadgroup(GROUP, replica_id, {stream: ">"}, count=1)
+                if not res or not res[0][1]:
+                    break
+                entry_id, fields = res[0][1][0]
+                job = await self._claim_entry(tier, entry_id, fields, replica_id, lease, now)
+                if job is not None:
+                    return job
+        return None
+
+    async def _claim_entry(self, tier: JobTier, entry_id: str, fields: dict | None, replica_id: str,
+                           lease: float, now: float) -> Job | None:
+        entry = f"{tier.value}|{entry_id}"
+        job_id = (fields or {}).get("job")
+
+        async def drop() -> None:
+            async with self.r.pipeline(transaction=True) as pipe:
+                self._stage_ack(pipe, entry)
+                await pipe.execute()
+
+        if not job_id:
+            await drop()
+            return None
+
+        def fn(job: Job) -> bool | str:
+            if job.state is JobState.RUNNING and job.lease_until >= now and job.owner != replica_id:
+                return "alive"  # its replica still heart-beats: leave it
+            if job.state.terminal:
+                return "ended"
+            return "run" if claim_job(job, replica_id, lease, now) else "not-runnable"
+
+        def staged(pipe: Any, job: Job, old_entry: str | None) -> None:
+            if job.state is JobState.RUNNING:
+                pipe.hset(self._job(job.job_id), "entry", entry)
+                pipe.zrem(self._qdeadline, job.job_id)
+                if old_entry and old_entry != entry:
+                    self._stage_ack(pipe, old_entry)
+            else:
+                self._stage_ack(pipe, entry)
+
+        def decide(job: Job) -> str | bool:
+            verdict = fn(job)
+            return verdict if verdict in ("run", "not-runnable") else False  # False: write nothing
+
+        try:
+            job, verdict = await self._mutate(job_id, decide, staged)
+        except JobNotFound:
+            await drop()
+            return None
+        if verdict == "run":
+            return job
+        if verdict is False:
+            # ended: its entry is garbage; alive: leave it pending (the owner reclaims it)
+            current = await self.r.hget(self._job(job_id), "state")
+            if current is None or JobState(current).terminal:
+                await drop()
+        return None
+
+    async def recover(self, replica_id: str, now: float) -> int:
+        count = 0
+        for tier in TIERS_IN_CLAIM_ORDER:
+            stream = self._queue(tier)
+            pending = await self.r.xpending_range(stream, GROUP, min="-", max="+", count=10_000,
+                                                  consumername=replica_id)
+            for p in pending:
+                entry_id = p["message_id"]
+                entries = await self.r.xrange(stream, entry_id, entry_id)
+                job_id = entries[0][1].get("job") if entries else None
+                entry = f"{tier.value}|{entry_id}"
+                if not job_id:
+                    async with self.r.pipeline(transaction=True) as pipe:
+                        self._stage_ack(pipe, entry)
+                        await pipe.execute()
+                    continue
+
+                def fn(job: Job) -> bool:
+                    if not owned_by(job, replica_id):
+                        return False
+                    requeue_or_dead_letter(job, JobError(14, "replica restarted during the attempt"), now)
+                    return True
+
+                def ack(pipe: Any, job: Job, old_entry: str | None) -> None:
+                    if old_entry != entry:
+                        self._stage_ack(pipe, entry)
+
+                try:
+                    _, done = await self._mutate(job_id, fn, ack)
+                except JobNotFound:
+                    done = False
+                if done:
+                    count += 1
+                else:
+                    state = await self.r.hget(self._job(job_id), "state")
+                    if state is None or JobState(state).terminal:
+                        async with self.r.pipeline(transaction=True) as pipe:
+                            self._stage_ack(pipe, entry)
+                            await pipe.execute()
+        return count
+
+    async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
+        def fn(job: Job) -> bool:
+            if not owned_by(job, replica_id):
+                return False
+            job.lease_until = now + lease
+            return True
+
+        def reset_idle(pipe: Any, job: Job, entry: str | None) -> None:
+            if entry:
+                tier, _, entry_id = entry.partition("|")
+                pipe.xclaim(self._queue(JobTier(tier)), GROUP, replica_id, 0, [entry_id], justid=True)
+
+        try:
+            return bool((await self._mutate(job_id, fn, reset_idle))[1])
+        except JobNotFound:
+            return False
+
+    async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
+        def fn(job: Job) -> bool:
+            if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
+                    or delta.text_offset != job.text_chars):
+                return False
+            job.completion_tokens += len(delta.token_ids)
+            job.text_chars += len(delta.text)
+            job.update_time = now
+            job.version += 1
+            return True
+
+        def push(pipe: Any, job: Job, entry: str | None) -> None:
+            pipe.rpush(self._deltas(job_id), json.dumps([delta.offset, delta.text_offset,
+                                                         list(delta.token_ids), delta.text]))
+
+        try:
+            return bool((await self._mutate(job_id, fn, push))[1])
+        except JobNotFound:
+            return False
+
+    async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,
+                     result: bytes | None = None, error: JobError | None = None) -> Job | None:
+        if not state.terminal:
+            raise ValueError(f"finish needs a terminal state, not {state.value}")
+
+        def fn(job: Job) -> bool:
+            if job.state.terminal or (replica_id is not None and not owned_by(job, replica_id)):
+                return False
+            transition(job, state, now)
+            job.result = result if result is not None else job.result
+            job.last_error = error if error is not None else job.last_error
+            return True
+        job, done = await self._mutate(job_id, fn)
+        return job if done else None
+
+    async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
+                      count_attempt: bool = True) -> Job | None:
+        def fn(job: Job) -> bool:
+            if not owned_by(job, replica_id):
+                return False
+            requeue_or_dead_letter(job, error, now, count_attempt=count_attempt)
+            return True
+        try:
+            job, done = await self._mutate(job_id, fn)
+        except JobNotFound:
+            return None
+        return job if done else None
+
+    async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
+        def fn(job: Job) -> bool:
+            job.webhook_deliveries.append(delivery)
+            job.version += 1
+            return True
+        try:
+            await self._mutate(job_id, fn)
+        except JobNotFound:
+            pass
+
+    async def sweep(self, now: float) -> tuple[list[Job], int]:
+        expired: list[Job] = []
+        for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):
+            def fn(job: Job) -> bool:
+                if not queue_expired(job, now):
+                    return False
+                transition(job, JobState.EXPIRED, now)
+                return True
+            try:
+                job, done = await self._mutate(job_id, fn)
+            except JobNotFound:
+                await self.r.zrem(self._qdeadline, job_id)
+                continue
+            if done:
+                expired.append(job)
+            else:
+                await self.r.zrem(self._qdeadline, job_id)  # started or ended: no longer queued
+        deleted = 0
+        for job_id in await self.r.zrangebyscore(self._deleteat, "-inf", now):
+            try:
+                await self.delete(job_id)
+                deleted += 1
+            except JobNotFound:
+                await self.r.zrem(self._deleteat, job_id)
+        return expired, deleted
+
+
+def _encode_token(member: str) -> str:
+    return base64.urlsafe_b64encode(f"r:{member}".encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("page_token is not one this server issued") from exc
+    if not raw.startswith("r:"):
+        raise ValueError("page_token is not one this server issued")
+    return raw[2:]

@@ -1,0 +1,163 @@
+"""Process entry: flags / env vars -> ServerConfig -> serve until SIGTERM/SIGINT, then drain.
+
+    python -m server.main --engine synthetic --host 127.0.0.1 --port 0
+
+Every flag's default can also come from the environment as TOKENRELAY_<FLAG> (dashes as
+underscores, e.g. TOKENRELAY_MAX_NUM_SEQS). Once the server is listening and warmed up, one
+line `tokenrelay listening on HOST:PORT` goes to stdout (the real port, flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from engines.config import SchedulerConfig, TorchEngineConfig
+from engines.synthetic import SyntheticEngineConfig
+from server.app import ServerHandle, start_server
+from server.config import ENGINES, AdmissionConfig, ServerConfig
+
+log = logging.getLogger("tokenrelay")
+_BOOL_TRUE = ("1", "true", "yes", "on")
+
+
+def _env_default(flag: str, default: Any, kind: Callable[[str], Any]) -> Any:
+    raw = os.environ.get("TOKENRELAY_" + flag.lstrip("-").replace("-", "_").upper())
+    if raw is None or raw == "":
+        return default
+    if kind is bool:
+        return raw.strip().lower() in _BOOL_TRUE
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise SystemExit(f"bad value {raw!r} for TOKENRELAY_{flag.lstrip('-').replace('-', '_').upper()}: {exc}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the serving flags; each default can be overridden by env var TOKENRELAY_<FLAG>."""
+
+    def add(flag: str, kind: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
+        parser.add_argument(flag, type=kind, default=_env_default(flag, default, kind), help=help, **kw)
+
+    def add_bool(flag: str, default: bool, help: str) -> None:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                            default=_env_default(flag, default, bool), help=help)
+
+    add("--host", str, "0.0.0.0", "address to listen on")
+    add("--port", int, 50051, "port to listen on; 0 picks an ephemeral port")
+    add("--engine", str, "torch", "engine implementation", choices=ENGINES)
+    add("--max-pending-requests", int, 256, "interactive requests in flight before RESOURCE_EXHAUSTED")
+    add("--max-pending-prompt-tokens", int, 1 << 20, "their total prompt tokens before RESOURCE_EXHAUSTED")
+    add("--retry-after-ms", int, 200, "RetryInfo delay suggested when admission is full")
+    add("--drain-grace-seconds", float, 30.0, "after SIGTERM, in-flight calls may finish this long")
+    add("--health-check-interval-seconds", float, 2.0, "engine watchdog period")
+    add_bool("--warmup", True, "run one generation before reporting SERVING")
+    add("--log-level", str, "INFO", "logging level")
+    add("--model", str, "", "Hugging Face model directory; empty serves the embedded demo model")
+    add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
+    add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
+    add("--device", str, "cpu", "cpu or cuda[:n]")
+    add("--dtype", str, "auto", "auto, float32, bfloat16, float16")
+    add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
+    add("--seed", int, 0, "seed for dummy weights")
+    add("--max-num-seqs", int, 64, "most sequences in one step's batch")
+    add("--max-num-batched-tokens", int, 2048, "token budget per engine step")
+    add("--num-kv-blocks", int, 0, "KV blocks in the pool; 0: sized from memory (synthetic: 8192)")
+    add("--block-size", int, 16, "tokens per KV block")
+    add("--max-model-len", int, 0, "context length cap; 0: the model's (synthetic: 4096)")
+    add("--synthetic-ttft-ms", float, 20.0, "synthetic engine: first token this long after scheduling")
+    add("--synthetic-itl-ms", float, 5.0, "synthetic engine: then one token every this many ms")
+    add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The typed ServerConfig for parsed flags; raises ValueError on an inconsistent combination."""
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                                max_model_len=args.max_model_len)
+    torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
+                                     device=args.device, dtype=args.dtype,
+                                     kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
+                                     scheduler=scheduler)
+    synthetic_defaults = SyntheticEngineConfig()
+    synthetic = SyntheticEngineConfig(
+        ttft_ms=args.synthetic_ttft_ms, itl_ms=args.synthetic_itl_ms, max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks or synthetic_defaults.num_kv_blocks,
+        context_length=args.max_model_len or synthetic_defaults.context_length, eos_rate=args.synthetic_eos_rate)
+    admission = AdmissionConfig(max_pending_requests=args.max_pending_requests,
+                                max_pending_prompt_tokens=args.max_pending_prompt_tokens,
+                                retry_after_ms=args.retry_after_ms)
+    return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
+                        synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
+                        health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
+                        log_level=args.log_level.upper())
+
+
+async def _serve(config: ServerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("received %s again: cancelling in-flight calls now", signal.Signals(signum).name)
+            force.set()
+            return
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    handle: ServerHandle = await start_server(config, wait_ready=False)
+    startup = handle.startup
+    assert startup is not None
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({startup, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if startup.done() and not startup.cancelled() and startup.exception() is not None:
+        log.error("start-up failed: %s", startup.exception())
+        waiter.cancel()
+        await handle.stop(0)
+        return 1
+    if not stop.is_set():
+        print(f"tokenrelay listening on {config.host}:{handle.port}", flush=True)
+        await waiter
+    grace = config.drain_grace_seconds
+    drain = asyncio.create_task(handle.drain(grace))
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    drained = drain.done() and drain.result()
+    drain.cancel()
+    if not drained:
+        log.warning("grace period (%.1fs) over: cancelling in-flight calls", grace)
+    await handle.stop(grace=0.5 if drained else 0.0)
+    log.info("stopped")
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.main", description="tokenrelay gRPC server")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The TextGeneration servicer: thin glue between gRPC calls and the engine.
+
+Each call: resolve the request id (params, else `x-request-id` metadata, else generated) and
+echo it in initial metadata; refuse when not serving; convert and validate (server.convert);
+take an admission ticket; iterate the engine's deltas. Whatever way the call ends (done,
+client cancel, deadline, error), the `finally` closes the engine iterator and aborts the
+request, so its KV blocks are freed within one engine step. Errors go out via server.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_pb2_grpc
+
+from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
+from server import convert
+from server.admission import AdmissionController
+from server.errors import Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort
+from server.health import ServingState
+
+REQUEST_ID_METADATA = "x-request-id"
+INLINE_TOKENIZE_CHARS = 16384  # longer prompt texts are tokenized off the event loop
+
+
+def resolve_request_id(params: generation_pb2.GenerationParams, context: grpc.aio.ServicerContext) -> str:
+    if params.request_id:
+        return params.request_id
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and value:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return uuid.uuid4().hex
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() instant, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + max(0.0, remaining)
+
+
+class EngineCall:
+    """One request's run through the engine; `close()` always frees what it held."""
+
+    def __init__(self, engine: AsyncEngine, request: Request) -> None:
+        self._engine = engine
+        self.request = request
+        try:
+            self._stream = engine.add_request(request)
+        except InvalidRequest as exc:
+            if isinstance(exc, InvalidRequests):
+                raise
+            raise InvalidRequests([(convert.with_params_prefix(exc.field), exc.description)]) from exc
+        self.final: RequestOutput | None = None
+
+    def __aiter__(self) -> EngineCall:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.final is not None:
+            raise StopAsyncIteration
+        out = await self._stream.__anext__()
+        if out.finished:
+            self.final = out
+        return out
+
+    async def close(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self.final is None:  # not after the final output: the id may be reused by then
+                await self._engine.abort(self.request.request_id)
+
+
+class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
+    def __init__(self, engine: AsyncEngine, state: ServingState, admission: AdmissionController) -> None:
+        self._engine = engine
+        self._state = state
+        self._admission = admission
+
+    async def _build(self, params: generation_pb2.GenerationParams, request_id: str,
+                     context: grpc.aio.ServicerContext) -> Request:
+        self._state.check_accepting()
+        arrival = time.monotonic()
+        tokenize = self._engine.tokenize
+        if params.WhichOneof("prompt") == "text" and len(params.text) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(tokenize, params.text)  # keep the event loop responsive
+            tokenize = lambda _text: ids  # noqa: E731
+        return convert.request_from_params(
+            params, request_id=request_id, info=self._engine.info(), tokenize=tokenize,
+            arrival_time=arrival, deadline=call_deadline(context))
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """Abort the call with `exc`'s status; an engine found dead marks the server dead at once."""
+        if isinstance(exc, EngineDeadError):
+            await self._state.set_dead(str(exc))
+        await abort(context, exc)
+
+    async def _ending_error(self, final: RequestOutput | None) -> Exception | None:
+        """The status error for a request that did not finish normally, else None."""
+        reason = final.finish_reason if final is not None else FinishReason.CANCELLED
+        if reason is FinishReason.DEADLINE:
+            return DeadlineExceeded("the request's deadline passed before generation finished")
+        if reason is FinishReason.CANCELLED:
+            if self._state.draining:
+                return ServerDraining("request cancelled: the server is shutting down")
+            return Cancelled("request cancelled")
+        if reason is FinishReason.ERROR:
+            try:
+                await self._engine.check_health()
+            except Exception as exc:  # noqa: BLE001 - the engine died under this request
+                return exc if isinstance(exc, EngineDeadError) else EngineDeadError(str(exc))
+            return EngineFailed(f"engine error: {final.error if final else 'unknown'}")
+        return None
+
+    async def Generate(self, request: text_generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> text_generation_pb2.GenerateResponse:
+        rid = resolve_request_id(request.params, context)
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, rid),))
+        try:
+            req = await self._build(request.params, rid, context)
+            with self._admission.try_acquire(len(req.prompt_token_ids)):
+                call = EngineCall(self._engine, req)
+                acc = convert.ResultAccumulator(rid, seed=req.sampling.seed,
+                                                want_logprobs=req.sampling.logprobs is not None)
+                try:
+                    async for out in call:
+                        acc.add(out)
+                finally:
+                    await call.close()
+            error = await self._ending_error(call.final)
+            if error is not None:
+                raise error
+            return text_generation_pb2.GenerateResponse(result=acc.result())
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
+            await self._fail(context, exc)
+            raise  # unreachable: abort raises
+
+    async def GenerateStream(self, request: text_generation_pb2.GenerateStreamRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[text_generation_pb2.GenerateStreamResponse]:
+        rid = resolve_request_id(request.params, context)
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, rid),))
+        error: Exception | None = None
+        try:
+            req = await self._build(request.params, rid, context)
+            with self._admission.try_acquire(len(req.prompt_token_ids)):
+                call = EngineCall(self._engine, req)
+                try:
+                    yield convert.stream_started(req)
+                    async for out in call:
+                        delta = convert.stream_delta(out)
+                        if delta is not None:
+                            yield delta
+                        if out.finished:
+                            yield convert.stream_finished(out)
+                finally:
+                    await call.close()
+            error = await self._ending_error(call.final)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
+            error = exc
+        if error is not None:
+            await self._fail(context, error)
+
+    async def Tokenize(self, request: text_generation_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> text_generation_pb2.TokenizeResponse:
+        try:
+            self._state.check_accepting()
+            ids = self._engine.tokenize(request.text, add_special_tokens=request.add_special_tokens)
+            return text_generation_pb2.TokenizeResponse(token_ids=ids)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def Detokenize(self, request: text_generation_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> text_generation_pb2.DetokenizeResponse:
+        try:
+            self._state.check_accepting()
+            vocab = self._engine.info().vocab_size
+            bad = [(f"token_ids[{i}]", f"token id {t} outside [0, {vocab})")
+                   for i, t in enumerate(request.token_ids) if not 0 <= t < vocab][:32]
+            if bad:
+                raise InvalidRequests(bad)
+            text = self._engine.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
+            return text_generation_pb2.DetokenizeResponse(text=text)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def GetModelInfo(self, request: text_generation_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> text_generation_pb2.GetModelInfoResponse:
+        try:
+            self._state.check_accepting()
+            return convert.model_info_to_proto(self._engine.info())
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def GetServerLoad(self, request: text_generation_pb2.GetServerLoadRequest,
+                            context: grpc.aio.ServicerContext) -> text_generation_pb2.GetServerLoadResponse:
+        try:
+            return convert.server_load_to_proto(
+                self._engine.stats(), queue_depth=self._admission.in_flight,
+                queue_capacity=self._admission.capacity, draining=self._state.draining)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
