@@ -114,6 +114,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
         if args.json:
+            if not started_shown and stream.started is not None:
+                print(json.dumps({"started": json.loads(_json(stream.started))}))
             finished = stream.finished or text_generation_pb2.StreamFinished()
             print(json.dumps({"finished": json.loads(_json(finished))}), flush=True)
         else:

@@ -113,7 +113,11 @@ async def _serve(config: ServerConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    handle: ServerHandle = await start_server(config, wait_ready=False)
+    try:
+        handle: ServerHandle = await start_server(config, wait_ready=False)
+    except (OSError, RuntimeError, ImportError) as exc:
+        log.error("could not start the server on %s:%d: %s", config.host, config.port, exc)
+        return 1
     startup = handle.startup
     assert startup is not None
     waiter = asyncio.create_task(stop.wait())

@@ -18,10 +18,12 @@ WATCH/MULTI transaction on the job hash; ended jobs also get a key TTL past thei
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
@@ -33,6 +35,29 @@ from server.jobs.model import (
 from server.jobs.store import JobStore, check_idempotency
 
 GROUP = "workers"
+T = TypeVar("T")
+
+
+def _honour_cancellation(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """redis-py may turn a task cancellation into a connection error and retry the command: a
+    cancelled task then carries on. Re-raise CancelledError once the call returns or fails."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception:
+            if _cancelling():
+                raise asyncio.CancelledError from None
+            raise
+        if _cancelling():
+            raise asyncio.CancelledError
+        return result
+    return wrapper
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 _TTL_MARGIN = 60  # key TTL past retention; the sweeper deletes on time, the TTL is the backstop
 Extra = Callable[[Any, Job, str | None], None]
 
@@ -78,6 +103,7 @@ class RedisJobStore(JobStore):
         return self._r
 
     # -- lifecycle --------------------------------------------------------------------------
+    @_honour_cancellation
     async def open(self) -> None:
         self._r = aioredis.from_url(self._url, decode_responses=True)
         await self._r.ping()
@@ -88,6 +114,7 @@ class RedisJobStore(JobStore):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    @_honour_cancellation
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()
@@ -150,6 +177,7 @@ class RedisJobStore(JobStore):
                     continue
 
     # -- the API side -----------------------------------------------------------------------
+    @_honour_cancellation
     async def create(self, job: Job) -> tuple[Job, bool]:
         idem = self._idem(job.idempotency_key) if job.idempotency_key else None
         while True:
@@ -179,12 +207,14 @@ class RedisJobStore(JobStore):
                 except WatchError:
                     continue
 
+    @_honour_cancellation
     async def get(self, job_id: str) -> Job:
         doc = await self.r.hget(self._job(job_id), "doc")
         if doc is None:
             raise JobNotFound(job_id)
         return Job.from_dict(json.loads(doc))
 
+    @_honour_cancellation
     async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
         start = "-" if not page_token else "(" + _decode_token(page_token)
         found: list[tuple[str, Job]] = []
@@ -213,6 +243,7 @@ class RedisJobStore(JobStore):
         token = _encode_token(page[-1][0]) if len(found) > page_size else ""
         return [j for _, j in page], token
 
+    @_honour_cancellation
     async def delete(self, job_id: str) -> None:
         job = await self.get(job_id)
         entry = await self.r.hget(self._job(job_id), "entry")
@@ -229,6 +260,7 @@ class RedisJobStore(JobStore):
                 self._stage_ack(pipe, entry)
             await pipe.execute()
 
+    @_honour_cancellation
     async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
         raw = await self.r.lrange(self._deltas(job_id), 0, -1)
         out = []
@@ -238,10 +270,12 @@ class RedisJobStore(JobStore):
                 out.append(Delta(o, tuple(ids), text, to))
         return out
 
+    @_honour_cancellation
     async def wait_for_update(self, job_id: str, version: int, timeout: float) -> None:
         await self.r.xread({self._ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
 
     # -- the worker side --------------------------------------------------------------------
+    @_honour_cancellation
     async def claim(self, replica_id: str, lease: float, now: float) -> Job | None:
         for tier in TIERS_IN_CLAIM_ORDER:
             stream = self._queue(tier)
@@ -309,6 +343,7 @@ class RedisJobStore(JobStore):
                 await drop()
         return None
 
+    @_honour_cancellation
     async def recover(self, replica_id: str, now: float) -> int:
         count = 0
         for tier in TIERS_IN_CLAIM_ORDER:
@@ -350,6 +385,7 @@ class RedisJobStore(JobStore):
                             await pipe.execute()
         return count
 
+    @_honour_cancellation
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
         def fn(job: Job) -> bool:
             if not owned_by(job, replica_id):
@@ -367,6 +403,7 @@ class RedisJobStore(JobStore):
         except JobNotFound:
             return False
 
+    @_honour_cancellation
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def fn(job: Job) -> bool:
             if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
@@ -387,6 +424,7 @@ class RedisJobStore(JobStore):
         except JobNotFound:
             return False
 
+    @_honour_cancellation
     async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,
                      result: bytes | None = None, error: JobError | None = None) -> Job | None:
         if not state.terminal:
@@ -402,6 +440,7 @@ class RedisJobStore(JobStore):
         job, done = await self._mutate(job_id, fn)
         return job if done else None
 
+    @_honour_cancellation
     async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
                       count_attempt: bool = True) -> Job | None:
         def fn(job: Job) -> bool:
@@ -415,6 +454,7 @@ class RedisJobStore(JobStore):
             return None
         return job if done else None
 
+    @_honour_cancellation
     async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
         def fn(job: Job) -> bool:
             job.webhook_deliveries.append(delivery)
@@ -425,6 +465,7 @@ class RedisJobStore(JobStore):
         except JobNotFound:
             pass
 
+    @_honour_cancellation
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         expired: list[Job] = []
         for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):

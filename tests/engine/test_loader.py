@@ -201,7 +201,7 @@ def test_embedded_demo_model_loads_when_present() -> None:
 
     runner = ModelRunner(TorchEngineConfig(model="", scheduler=SchedulerConfig(block_size=16, num_blocks=64)))
     assert runner.model_info.name == "tokenrelay-demo"
-    prompt = runner.tokenizer.encode("Once upon a time").ids or [0]
+    prompt = runner.tokenizer.encode("12+34=").ids or [0]
     got = run_to_completion(runner, [make_seq("d", prompt, max_tokens=8)])["d"]
     ref = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
     assert [t for t, _ in got] == reference_greedy(ref, prompt, 8)
