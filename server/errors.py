@@ -74,6 +74,17 @@ class FailedPrecondition(ServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(ServerError):
+    """A resource with this key exists; `reason` and `metadata` go out as google.rpc.ErrorInfo."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+    def __init__(self, message: str, reason: str = "ALREADY_EXISTS", **metadata: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata
+
+
 class Unauthenticated(ServerError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -119,6 +130,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         _pack(status, _error_info("DRAINING"))
     elif isinstance(exc, NotReady):
         _pack(status, _error_info("NOT_READY"))
+    elif isinstance(exc, AlreadyExists):
+        _pack(status, _error_info(exc.reason, **exc.metadata))
     return status
 
 

@@ -1,0 +1,105 @@
+"""Wiring of the jobs feature into a server: flags -> JobsConfig, the store, the manager, the
+webhook sender and the gRPC servicer, with one start / stop.
+
+    parser = argparse.ArgumentParser(); add_jobs_arguments(parser)
+    jobs = JobsComponent(jobs_config_from_args(parser.parse_args()), engine)
+    jobs.register(grpc_server)      # before the server starts
+    await jobs.start()              # once the engine is ready: opens the store, starts claiming
+    await jobs.stop()               # on shutdown: stop claiming, running jobs finish or go back
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import socket
+
+import grpc
+from tokenrelay.v1 import jobs_pb2_grpc
+
+from engines.base import AsyncEngine
+from server.jobs.manager import JobManager
+from server.jobs.model import JobsConfig
+from server.jobs.servicer import JobsServicer
+from server.jobs.store import JobStore, open_store
+from server.jobs.webhooks import (
+    WebhookConfig, WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
+)
+
+STORE_ENV = "TOKENRELAY_JOBS_STORE"
+
+
+def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    d = JobsConfig()
+    group = parser.add_argument_group("jobs")
+    group.add_argument("--jobs-store", default=os.environ.get(STORE_ENV, d.store_url),
+                       help=f"sqlite:///abs/path.db, sqlite://relative.db or redis://host:port/db (env {STORE_ENV})")
+    group.add_argument("--jobs-max-running", type=int, default=d.max_running,
+                       help="jobs in the engine at once on this replica")
+    group.add_argument("--jobs-queue-ttl-seconds", type=float, default=d.queue_ttl,
+                       help="default: a job not started within this time expires (0: never)")
+    group.add_argument("--jobs-retention-seconds", type=float, default=d.retention,
+                       help="default: an ended job is deleted this long after it ended (0: kept)")
+    group.add_argument("--jobs-max-attempts", type=int, default=d.max_attempts,
+                       help="default: attempts before a failing job goes to dead_letter")
+    group.add_argument("--jobs-lease-seconds", type=float, default=d.lease,
+                       help="a claimed job returns to the queue when its replica misses heartbeats this long")
+    group.add_argument("--jobs-poll-seconds", type=float, default=d.poll_interval,
+                       help="how often an idle replica looks for jobs submitted elsewhere")
+    group.add_argument("--jobs-stop-grace-seconds", type=float, default=d.stop_grace,
+                       help="on shutdown, running jobs may finish this long before going back to the queue")
+    group.add_argument("--replica-id", default=os.environ.get("TOKENRELAY_REPLICA_ID", ""),
+                       help="stable name of this replica (default: the host name for SQLite, random for Redis)")
+    add_webhook_arguments(parser)
+
+
+def jobs_config_from_args(args: argparse.Namespace) -> JobsConfig:
+    """Raises ValueError on a bad combination."""
+    store = args.jobs_store
+    replica = args.replica_id
+    if not replica and store.startswith("sqlite"):
+        replica = f"local-{socket.gethostname()}"  # one process per file: a restart is the same replica
+    return JobsConfig(store_url=store, max_running=args.jobs_max_running, queue_ttl=args.jobs_queue_ttl_seconds,
+                      retention=args.jobs_retention_seconds, max_attempts=args.jobs_max_attempts,
+                      lease=args.jobs_lease_seconds, replica_id=replica, poll_interval=args.jobs_poll_seconds,
+                      stop_grace=args.jobs_stop_grace_seconds, webhook=webhook_config_from_args(args))
+
+
+class JobsComponent:
+    def __init__(self, config: JobsConfig, engine: AsyncEngine, *, store: JobStore | None = None,
+                 webhook_sender: WebhookSender | None = None) -> None:
+        self.config = config
+        self.store = store if store is not None else open_store(config.store_url)
+        webhook = config.webhook if isinstance(config.webhook, WebhookConfig) else None
+        if webhook_sender is None and webhook is not None and webhook.enabled:
+            webhook_sender = WebhookSender(webhook)
+        check = functools.partial(validate_webhook_url, config=webhook) if webhook_sender is not None else None
+        self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
+        self.servicer = JobsServicer(config, self.manager, engine, check)
+        self._opened = False
+        self._started = False
+
+    def register(self, server: grpc.aio.Server) -> None:
+        jobs_pb2_grpc.add_JobsServicer_to_server(self.servicer, server)
+
+    async def open(self) -> None:
+        """Open the store (the API can serve reads and submits before the engine is ready)."""
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+
+    async def start(self) -> None:
+        """Open the store and start claiming jobs. Call once the engine is ready."""
+        await self.open()
+        if not self._started:
+            await self.manager.start()
+            self._started = True
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._started:
+            await self.manager.stop(grace)
+            self._started = False
+        if self._opened:
+            await self.store.close()
+            self._opened = False

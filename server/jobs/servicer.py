@@ -1,0 +1,122 @@
+"""The Jobs gRPC servicer: thin. Validation and conversion live in `server.jobs.convert`, the
+work in `server.jobs.manager`, errors map through `server.errors`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
+
+from engines.base import AsyncEngine, InvalidRequest
+from server.errors import AlreadyExists, InvalidRequests, NotFound, abort
+from server.jobs import convert
+from server.jobs.manager import JobManager
+from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
+
+
+def _map_error(exc: Exception) -> Exception:
+    if isinstance(exc, JobNotFound):
+        return NotFound(f"job {exc.job_id!r} not found")
+    if isinstance(exc, IdempotencyConflict):
+        return AlreadyExists(str(exc), reason="IDEMPOTENCY_KEY_REUSED", job_id=exc.job_id,
+                             idempotency_key=exc.key)
+    return exc
+
+
+def _job_id(value: str) -> str:
+    if not value:
+        raise InvalidRequest("job_id", "must not be empty")
+    return value
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
+                 check_webhook: Callable[[str], None] | None) -> None:
+        self._config = config
+        self._manager = manager
+        self._engine = engine
+        self._check_webhook = check_webhook
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        await abort(context, _map_error(exc))
+
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
+                        context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+        try:
+            job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
+                                          tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
+                                          now=time.time())
+            stored, created = await self._manager.submit(job)
+            return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
+            await self._fail(context, exc)
+            raise  # unreachable: abort raises
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest,
+                     context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
+        try:
+            job = await self._manager.store.get(_job_id(request.job_id))
+            return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        try:
+            if request.from_token_offset < 0:
+                raise InvalidRequest("from_token_offset", "must be >= 0")
+            events = self._manager.watch(_job_id(request.job_id), request.from_token_offset)
+            try:
+                async for ev in events:
+                    if isinstance(ev, Transition):
+                        yield convert.state_event(ev)
+                    elif isinstance(ev, Delta):
+                        yield convert.delta_event(ev)
+                    elif isinstance(ev, Job):
+                        yield convert.ended_event(ev)
+            finally:
+                await events.aclose()
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
+                        context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
+        try:
+            job = await self._manager.cancel(_job_id(request.job_id))
+            return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
+                       context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
+        try:
+            size = request.page_size or convert.DEFAULT_PAGE_SIZE
+            if not 1 <= size <= convert.MAX_PAGE_SIZE:
+                raise InvalidRequest("page_size", f"must be in [1, {convert.MAX_PAGE_SIZE}], got {request.page_size}")
+            states = convert.states_from_proto(list(request.states))
+            try:
+                jobs, token = await self._manager.store.list(states, size, request.page_token)
+            except ValueError as exc:
+                raise InvalidRequests([("page_token", str(exc))]) from exc
+            return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise
+
+    async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest,
+                        context: grpc.aio.ServicerContext) -> jobs_pb2.DeleteJobResponse:
+        try:
+            job_id = _job_id(request.job_id)
+            job = await self._manager.store.get(job_id)
+            if not job.state.terminal:
+                await self._manager.cancel(job_id)  # stop it first: nothing keeps running for nobody
+            await self._manager.store.delete(job_id)
+            return jobs_pb2.DeleteJobResponse()
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, exc)
+            raise

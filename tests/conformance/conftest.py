@@ -1,0 +1,92 @@
+"""Engines under the conformance suite: one registry of factories, one `engine` fixture.
+
+Each factory is an async context manager that yields a *started* `AsyncEngine` and shuts it
+down on exit. Adding an engine to the suite is one line in `ENGINE_CASES` (plus its factory);
+engines that need hardware carry marks (e.g. `pytest.mark.gpu`) and skip where it is missing.
+
+The fixture's teardown calls `shutdown()` even when the test already did: shutting an engine
+down twice must be harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engines.base import AsyncEngine
+
+START_TIMEOUT_S = 120.0  # loading a model on two busy cores
+SHUTDOWN_TIMEOUT_S = 60.0
+
+EngineFactory = Callable[[], contextlib.AbstractAsyncContextManager[AsyncEngine]]
+
+
+@dataclass(slots=True, frozen=True)
+class EngineCase:
+    """One engine under test: its test id, a factory, and pytest marks (e.g. gpu)."""
+
+    name: str
+    factory: EngineFactory
+    marks: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("an engine case needs a name")
+
+
+@contextlib.asynccontextmanager
+async def _running(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    await asyncio.wait_for(engine.start(), START_TIMEOUT_S)
+    try:
+        yield engine
+    finally:
+        await asyncio.wait_for(engine.shutdown(), SHUTDOWN_TIMEOUT_S)
+
+
+def synthetic_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+
+    # Fast, but slow enough that a 200-token request is still running when a test aborts it.
+    config = SyntheticEngineConfig(ttft_ms=1.0, itl_ms=1.0, block_size=16, num_kv_blocks=512,
+                                   context_length=512)
+    return _running(SyntheticEngine(config))
+
+
+def demo_model_ready() -> bool:
+    """The embedded demo model is served when its directory is complete (it may be in training)."""
+    root = Path(str(resources.files("engines.torch").joinpath("demo_model")))
+    return all((root / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    from engines.config import SchedulerConfig, TorchEngineConfig
+    from engines.torch.engine import TorchEngine
+
+    scheduler = SchedulerConfig(block_size=16, num_blocks=128, max_model_len=512)
+    if demo_model_ready():
+        config = TorchEngineConfig(model="", device="cpu", dtype="float32", scheduler=scheduler)
+    else:
+        config = TorchEngineConfig(load_format="dummy", dummy_shape="tiny", device="cpu",
+                                   dtype="float32", scheduler=scheduler)
+    return _running(TorchEngine(config))
+
+
+ENGINE_CASES: tuple[EngineCase, ...] = (
+    EngineCase("synthetic", synthetic_engine),
+    EngineCase("torch", torch_engine),
+    # EngineCase("trtllm", trtllm_engine, marks=(pytest.mark.gpu,)),
+)
+
+
+@pytest.fixture(params=[pytest.param(case, id=case.name, marks=case.marks) for case in ENGINE_CASES])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[AsyncEngine]:
+    case: EngineCase = request.param
+    async with case.factory() as started:
+        yield started
