@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARS = "0123456789+="
@@ -39,7 +39,7 @@ EDGE_CASES = [(0, 0), (999, 999), (1, 99), (500, 500), (999, 1), (1, 999), (0, 9
 @dataclass(slots=True, frozen=True)
 class TrainConfig:
     out: Path
-    steps: int = 4000
+    steps: int = 6000
     seed: int = 0
     batch_size: int = 128
     lr: float = 3e-3
@@ -92,6 +92,17 @@ def encode_batch(pairs: list[tuple[int, int]], ids: dict[str, int]) -> tuple[tor
         # labels[t] is the token predicted at position t (i.e. the token at t + 1)
         labels[row, len(prompt) - 1 : len(seq) - 1] = torch.tensor(answer)
     return input_ids, labels
+
+
+def sample_pair(rng: random.Random) -> tuple[int, int]:
+    """A training problem. A quarter are pushed towards a carry into the thousands with operands of
+    mixed length (977+69): rare under uniform sampling, and the last cases the model learns."""
+    a, b = sample_operand(rng), sample_operand(rng)
+    if rng.random() < 0.25:
+        a = rng.randint(max(0, 950 - b), MAX_OPERAND)
+        if rng.random() < 0.5:
+            a, b = b, a
+    return a, b
 
 
 def sample_operand(rng: random.Random) -> int:
@@ -174,7 +185,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        pairs = [(sample_operand(rng), sample_operand(rng)) for _ in range(cfg.batch_size)]
+        pairs = [sample_pair(rng) for _ in range(cfg.batch_size)]
         input_ids, labels = encode_batch(pairs, ids)
         logits = model(input_ids=input_ids).logits
         loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
@@ -202,6 +213,36 @@ def train(cfg: TrainConfig) -> None:
     save(model, tok, cfg, acc, len(failures), len(all_pairs))
 
 
+README = """# tokenrelay demo model
+
+The model `tokenrelay serve` uses when no model is given: a tiny Llama that adds two integers.
+Prompt `123+456=` and it answers `579` followed by `<eos>` (greedy decoding). Operands are
+0..999 written without leading zeros; the answer is in normal digit order.
+
+It is a standard Hugging Face Llama directory: `LlamaForCausalLM` ({params:,} parameters,
+{layers} layers, hidden {hidden}, {heads} heads, MLP {inter}, RoPE, RMSNorm, SiLU), float32
+safetensors, and a character-level `tokenizer.json` (`<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3,
+then `0`-`9`, `+`, `=`; `<bos>` is prepended by the post-processor). Load it with
+`transformers.AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, or with
+tokenrelay's own runner. Anything outside its task (other text, sampling at high temperature)
+gives arbitrary digits: it is a demo and a test fixture, not a language model.
+
+## How it was made
+
+    python scripts/train_demo_model.py --out engines/torch/demo_model --steps {steps} --seed {seed} --final-eval {final_eval}
+
+A plain, seeded torch loop on CPU ({threads} thread): {steps} AdamW steps of {batch} random
+problems (half uniform over 0..999, half with the digit count drawn uniformly), learning rate
+{lr} with warm-up and cosine decay, cross-entropy on the answer digits and `<eos>` only.
+
+## Measured accuracy
+
+Greedy exact match (answer digits and `<eos>`, token for token), checked with a batched
+teacher-forced forward, which for a causal model equals greedy generation:
+**{acc:.4%}** on {n_total:,} {sample} ({n_wrong} wrong).
+"""
+
+
 def save(model: LlamaForCausalLM, tok: Tokenizer, cfg: TrainConfig, acc: float,
          n_wrong: int, n_total: int) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -209,18 +250,24 @@ def save(model: LlamaForCausalLM, tok: Tokenizer, cfg: TrainConfig, acc: float,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False,
         max_new_tokens=8)
     model.save_pretrained(cfg.out, safe_serialization=True)
+    # Also spell rope_theta at the top level, as Llama loaders that predate rope_parameters read it.
+    config_path = cfg.out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok.save(str(cfg.out / "tokenizer.json"))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=64)
     (cfg.out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
         "model_max_length": 64, "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
-    del fast
-    (cfg.out / "training_result.json").write_text(json.dumps({
-        "seed": cfg.seed, "steps": cfg.steps, "accuracy": acc, "wrong": n_wrong, "evaluated": n_total,
-    }, indent=2) + "\n")
+    (cfg.out / "README.md").write_text(README.format(
+        params=sum(p.numel() for p in model.parameters()), layers=cfg.num_layers,
+        hidden=cfg.hidden_size, heads=cfg.num_heads, inter=cfg.intermediate_size, steps=cfg.steps,
+        batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, threads=cfg.threads,
+        examples=cfg.steps * cfg.batch_size, n_total=n_total, n_wrong=n_wrong, acc=acc,
+        sample="all pairs" if not cfg.final_eval else "random pairs (uniform, digit-count balanced and edge cases)",
+        final_eval=cfg.final_eval))
     print(f"saved to {cfg.out}", flush=True)
 
 

@@ -24,7 +24,7 @@ from server.jobs.model import JobsConfig
 from server.jobs.servicer import JobsServicer
 from server.jobs.store import JobStore, open_store
 from server.jobs.webhooks import (
-    WebhookConfig, WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
+    WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
 )
 
 STORE_ENV = "TOKENRELAY_JOBS_STORE"
@@ -71,10 +71,11 @@ class JobsComponent:
                  webhook_sender: WebhookSender | None = None) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config.store_url)
-        webhook = config.webhook if isinstance(config.webhook, WebhookConfig) else None
+        webhook = config.webhook
         if webhook_sender is None and webhook is not None and webhook.enabled:
             webhook_sender = WebhookSender(webhook)
-        check = functools.partial(validate_webhook_url, config=webhook) if webhook_sender is not None else None
+        check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
+                 if webhook_sender is not None else None)
         self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
         self.servicer = JobsServicer(config, self.manager, engine, check)
         self._opened = False

@@ -25,6 +25,7 @@ from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequ
 from server.jobs import convert
 from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
 from server.jobs.store import JobStore
+from server.jobs.webhooks import DeliveryAttempt, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,13 @@ def _raise_if_cancelled() -> None:
 
 class JobManager:
     def __init__(self, config: JobsConfig, store: JobStore, engine: AsyncEngine, *,
-                 webhooks: object | None = None, clock: Callable[[], float] = time.time,
+                 webhooks: WebhookSender | None = None, clock: Callable[[], float] = time.time,
                  persist_interval: float = 0.05) -> None:
         self.config = config
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(6)}"
         self._store = store
         self._engine = engine
-        self._webhooks = webhooks  # server.jobs.webhooks.WebhookSender
+        self._webhooks = webhooks
         self._clock = clock
         self._persist_interval = persist_interval
         self._slots = asyncio.Semaphore(config.max_running)
@@ -92,8 +93,11 @@ class JobManager:
         self._stopping = True
         self._wakeup.set()
         if self._loops:
-            _, pending = await asyncio.wait(self._loops, timeout=2.0)
-            for task in pending:  # blocked on a free slot or a sweep: nothing half-done
+            claim, sweep = self._loops
+            sweep.cancel()  # between sweeps, or mid-sweep: each sweep step is its own transaction
+            # a claim in flight finishes (and gives the job back); one waiting for a slot is cancelled
+            _, pending = await asyncio.wait([claim], timeout=0.0 if self._slots.locked() else 2.0)
+            for task in pending:
                 task.cancel()
             for task in self._loops:
                 with contextlib.suppress(BaseException):
@@ -145,6 +149,8 @@ class JobManager:
         """State changes, then output deltas from `from_offset` as they are persisted, then the
         ended Job. Raises JobNotFound (also when the job is deleted mid-watch)."""
         job = await self._store.get(job_id)
+        if from_offset > job.max_tokens:
+            raise InvalidRequest("from_token_offset", f"the job generates at most {job.max_tokens} tokens")
         offset, text_pos, sent_states, first = from_offset, 0, 0, True
         while True:
             for t in job.history[sent_states:]:
@@ -353,12 +359,13 @@ class JobManager:
         task.add_done_callback(self._background.discard)
 
     async def _deliver(self, job: Job) -> None:
-        async def record(a) -> None:  # a: webhooks.DeliveryAttempt
+        async def record(a: DeliveryAttempt) -> None:
             await self._store.add_webhook_delivery(job.job_id, convert.webhook_delivery(
                 a.attempt, a.time, a.http_status, a.error))
 
         try:
-            await self._webhooks.deliver(job.webhook_url, f"{job.job_id}.{job.state.value}",  # type: ignore[union-attr]
+            assert self._webhooks is not None
+            await self._webhooks.deliver(job.webhook_url, f"{job.job_id}.{job.state.value}",
                                          convert.webhook_payload(job), record)
         except asyncio.CancelledError:
             raise

@@ -13,6 +13,8 @@ import enum
 import secrets
 from dataclasses import dataclass, field
 
+from server.jobs.webhook_config import WebhookConfig
+
 
 class JobState(enum.Enum):
     QUEUED = "queued"
@@ -308,7 +310,7 @@ class JobsConfig:
     poll_interval: float = 0.5  # seconds between claim attempts when idle (a submit wakes it at once)
     sweep_interval: float = 1.0  # seconds between TTL / retention sweeps
     stop_grace: float = 5.0  # seconds running jobs get to finish on stop before going back
-    webhook: object | None = None  # server.jobs.webhooks.WebhookConfig
+    webhook: WebhookConfig | None = None  # None or no secret: webhooks refused at submit
 
     def __post_init__(self) -> None:
         if not (self.store_url.startswith("sqlite://") or self.store_url.startswith("redis://")

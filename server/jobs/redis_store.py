@@ -10,54 +10,29 @@ Keys (prefix `tr`):
   tr:deleteat          sorted set: ended job -> delete time, for retention
   tr:queue:{tier}      stream + consumer group `workers`: the queue, one per priority tier
 
-A claim reads its tier stream with XREADGROUP (new entries) or XAUTOCLAIM (entries idle for a
-whole lease: their replica stopped heart-beating). The owner's heartbeat XCLAIMs its entry to
-reset the idle time; the terminal transition XACKs and deletes it. Every job change is one
-WATCH/MULTI transaction on the job hash; ended jobs also get a key TTL past their retention.
+The queue streams are `server.jobs.redis_queue`: a claim takes new entries (XREADGROUP) or
+those of dead replicas (XAUTOCLAIM after a lease without heartbeat); the terminal transition
+XACKs and deletes the entry. Every job change is one WATCH/MULTI transaction on the job hash,
+its queue side effects staged in the same MULTI; ended jobs get a key TTL past retention.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import functools
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import WatchError
 
 from server.jobs.model import (
-    TIERS_IN_CLAIM_ORDER, Delta, Job, JobError, JobNotFound, JobState, JobTier, WebhookDelivery, claim_job,
-    owned_by, queue_expired, requeue_or_dead_letter, transition,
+    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, claim_job, owned_by, queue_expired,
+    requeue_or_dead_letter, transition,
 )
+from server.jobs.redis_queue import RedisQueue, honour_cancellation
 from server.jobs.store import JobStore, check_idempotency
 
-GROUP = "workers"
-T = TypeVar("T")
-
-
-def _honour_cancellation(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """redis-py may turn a task cancellation into a connection error and retry the command: a
-    cancelled task then carries on. Re-raise CancelledError once the call returns or fails."""
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            result = await fn(*args, **kwargs)
-        except Exception:
-            if _cancelling():
-                raise asyncio.CancelledError from None
-            raise
-        if _cancelling():
-            raise asyncio.CancelledError
-        return result
-    return wrapper
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 _TTL_MARGIN = 60  # key TTL past retention; the sweeper deletes on time, the TTL is the backstop
 Extra = Callable[[Any, Job, str | None], None]
 
@@ -67,6 +42,7 @@ class RedisJobStore(JobStore):
         self._url = url
         self._p = prefix
         self._r: aioredis.Redis | None = None
+        self._q = RedisQueue(prefix)
 
     # -- keys -------------------------------------------------------------------------------
     def _job(self, job_id: str) -> str:
@@ -80,9 +56,6 @@ class RedisJobStore(JobStore):
 
     def _idem(self, key: str) -> str:
         return f"{self._p}:idem:{key}"
-
-    def _queue(self, tier: JobTier) -> str:
-        return f"{self._p}:queue:{tier.value}"
 
     @property
     def _index(self) -> str:
@@ -103,18 +76,13 @@ class RedisJobStore(JobStore):
         return self._r
 
     # -- lifecycle --------------------------------------------------------------------------
-    @_honour_cancellation
+    @honour_cancellation
     async def open(self) -> None:
         self._r = aioredis.from_url(self._url, decode_responses=True)
         await self._r.ping()
-        for tier in TIERS_IN_CLAIM_ORDER:
-            try:
-                await self._r.xgroup_create(self._queue(tier), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await self._q.create_groups(self._r)
 
-    @_honour_cancellation
+    @honour_cancellation
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()
@@ -130,7 +98,7 @@ class RedisJobStore(JobStore):
                       approximate=True)
         if job.state is not before.state and job.state is not JobState.RUNNING:
             if entry:  # the claimed queue entry is done with
-                self._stage_ack(pipe, entry)
+                self._q.stage_ack(pipe, entry)
                 pipe.hdel(key, "entry")
         if job.state.terminal and not before.state.terminal:
             pipe.zrem(self._qdeadline, job.job_id)
@@ -143,13 +111,7 @@ class RedisJobStore(JobStore):
                 if job.idempotency_key:
                     pipe.expire(self._idem(job.idempotency_key), ttl)
         elif job.state is JobState.QUEUED and before.state is not JobState.QUEUED:
-            pipe.xadd(self._queue(job.tier), {"job": job.job_id})  # re-queued: a fresh entry
-
-    def _stage_ack(self, pipe: Any, entry: str) -> None:
-        tier, _, entry_id = entry.partition("|")
-        stream = self._queue(JobTier(tier))
-        pipe.xack(stream, GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
+            self._q.stage_push(pipe, job.tier, job.job_id)  # re-queued: a fresh entry
 
     async def _mutate(self, job_id: str, fn: Callable[[Job], Any], extra: Extra | None = None) -> tuple[Job, Any]:
         """WATCH the job, change it with `fn` (False/None: write nothing), MULTI/EXEC; retried on conflict."""
@@ -177,7 +139,7 @@ class RedisJobStore(JobStore):
                     continue
 
     # -- the API side -----------------------------------------------------------------------
-    @_honour_cancellation
+    @honour_cancellation
     async def create(self, job: Job) -> tuple[Job, bool]:
         idem = self._idem(job.idempotency_key) if job.idempotency_key else None
         while True:
@@ -201,20 +163,20 @@ class RedisJobStore(JobStore):
                     pipe.zadd(self._index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
                     if job.queue_deadline is not None:
                         pipe.zadd(self._qdeadline, {job.job_id: job.queue_deadline})
-                    pipe.xadd(self._queue(job.tier), {"job": job.job_id})
+                    self._q.stage_push(pipe, job.tier, job.job_id)
                     await pipe.execute()
                     return job, True
                 except WatchError:
                     continue
 
-    @_honour_cancellation
+    @honour_cancellation
     async def get(self, job_id: str) -> Job:
         doc = await self.r.hget(self._job(job_id), "doc")
         if doc is None:
             raise JobNotFound(job_id)
         return Job.from_dict(json.loads(doc))
 
-    @_honour_cancellation
+    @honour_cancellation
     async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
         start = "-" if not page_token else "(" + _decode_token(page_token)
         found: list[tuple[str, Job]] = []
@@ -243,7 +205,7 @@ class RedisJobStore(JobStore):
         token = _encode_token(page[-1][0]) if len(found) > page_size else ""
         return [j for _, j in page], token
 
-    @_honour_cancellation
+    @honour_cancellation
     async def delete(self, job_id: str) -> None:
         job = await self.get(job_id)
         entry = await self.r.hget(self._job(job_id), "entry")
@@ -257,10 +219,10 @@ class RedisJobStore(JobStore):
             pipe.zrem(self._qdeadline, job_id)
             pipe.zrem(self._deleteat, job_id)
             if entry:
-                self._stage_ack(pipe, entry)
+                self._q.stage_ack(pipe, entry)
             await pipe.execute()
 
-    @_honour_cancellation
+    @honour_cancellation
     async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
         raw = await self.r.lrange(self._deltas(job_id), 0, -1)
         out = []
@@ -270,122 +232,83 @@ class RedisJobStore(JobStore):
                 out.append(Delta(o, tuple(ids), text, to))
         return out
 
-    @_honour_cancellation
+    @honour_cancellation
     async def wait_for_update(self, job_id: str, version: int, timeout: float) -> None:
         await self.r.xread({self._ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
 
     # -- the worker side --------------------------------------------------------------------
-    @_honour_cancellation
+    @honour_cancellation
     async def claim(self, replica_id: str, lease: float, now: float) -> Job | None:
-        for tier in TIERS_IN_CLAIM_ORDER:
-            stream = self._queue(tier)
-            res = await self.r.xautoclaim(stream, GROUP, replica_id, min_idle_time=int(lease * 1000),
-                                          start_id="0-0", count=16)
-            for entry_id, fields in res[1]:
-                job = await self._claim_entry(tier, entry_id, fields, replica_id, lease, now)
-                if job is not None:
-                    return job
-            for _ in range(16):
-                res = await self.r.xreadgroup(GROUP, replica_id, {stream: ">"}, count=1)
-                if not res or not res[0][1]:
-                    break
-                entry_id, fields = res[0][1][0]
-                job = await self._claim_entry(tier, entry_id, fields, replica_id, lease, now)
-                if job is not None:
-                    return job
+        async for entry, job_id in self._q.candidates(self.r, replica_id, lease):
+            job = await self._claim_entry(entry, job_id, replica_id, lease, now)
+            if job is not None:
+                return job
         return None
 
-    async def _claim_entry(self, tier: JobTier, entry_id: str, fields: dict | None, replica_id: str,
-                           lease: float, now: float) -> Job | None:
-        entry = f"{tier.value}|{entry_id}"
-        job_id = (fields or {}).get("job")
-
-        async def drop() -> None:
-            async with self.r.pipeline(transaction=True) as pipe:
-                self._stage_ack(pipe, entry)
-                await pipe.execute()
-
+    async def _claim_entry(self, entry: str, job_id: str | None, replica_id: str, lease: float,
+                           now: float) -> Job | None:
         if not job_id:
-            await drop()
+            await self._q.ack(self.r, entry)
             return None
 
-        def fn(job: Job) -> bool | str:
+        def decide(job: Job) -> str | bool:
             if job.state is JobState.RUNNING and job.lease_until >= now and job.owner != replica_id:
-                return "alive"  # its replica still heart-beats: leave it
+                return False  # its replica still heart-beats: leave it (the owner's touch takes it back)
             if job.state.terminal:
-                return "ended"
-            return "run" if claim_job(job, replica_id, lease, now) else "not-runnable"
+                return False  # a stale entry
+            return "run" if claim_job(job, replica_id, lease, now) else "not-runnable"  # both write
 
         def staged(pipe: Any, job: Job, old_entry: str | None) -> None:
             if job.state is JobState.RUNNING:
                 pipe.hset(self._job(job.job_id), "entry", entry)
                 pipe.zrem(self._qdeadline, job.job_id)
                 if old_entry and old_entry != entry:
-                    self._stage_ack(pipe, old_entry)
+                    self._q.stage_ack(pipe, old_entry)
             else:
-                self._stage_ack(pipe, entry)
-
-        def decide(job: Job) -> str | bool:
-            verdict = fn(job)
-            return verdict if verdict in ("run", "not-runnable") else False  # False: write nothing
+                self._q.stage_ack(pipe, entry)
 
         try:
             job, verdict = await self._mutate(job_id, decide, staged)
         except JobNotFound:
-            await drop()
+            await self._q.ack(self.r, entry)
             return None
         if verdict == "run":
             return job
         if verdict is False:
-            # ended: its entry is garbage; alive: leave it pending (the owner reclaims it)
-            current = await self.r.hget(self._job(job_id), "state")
-            if current is None or JobState(current).terminal:
-                await drop()
+            state = await self.r.hget(self._job(job_id), "state")
+            if state is None or JobState(state).terminal:
+                await self._q.ack(self.r, entry)
         return None
 
-    @_honour_cancellation
+    @honour_cancellation
     async def recover(self, replica_id: str, now: float) -> int:
         count = 0
-        for tier in TIERS_IN_CLAIM_ORDER:
-            stream = self._queue(tier)
-            pending = await self.r.xpending_range(stream, GROUP, min="-", max="+", count=10_000,
-                                                  consumername=replica_id)
-            for p in pending:
-                entry_id = p["message_id"]
-                entries = await self.r.xrange(stream, entry_id, entry_id)
-                job_id = entries[0][1].get("job") if entries else None
-                entry = f"{tier.value}|{entry_id}"
-                if not job_id:
-                    async with self.r.pipeline(transaction=True) as pipe:
-                        self._stage_ack(pipe, entry)
-                        await pipe.execute()
-                    continue
+        for entry, job_id in await self._q.pending(self.r, replica_id):
+            def fn(job: Job) -> bool:
+                if not owned_by(job, replica_id):
+                    return False
+                requeue_or_dead_letter(job, JobError(14, "replica restarted during the attempt"), now)
+                return True
 
-                def fn(job: Job) -> bool:
-                    if not owned_by(job, replica_id):
-                        return False
-                    requeue_or_dead_letter(job, JobError(14, "replica restarted during the attempt"), now)
-                    return True
+            def ack(pipe: Any, job: Job, old_entry: str | None, entry: str = entry) -> None:
+                if old_entry != entry:
+                    self._q.stage_ack(pipe, entry)
 
-                def ack(pipe: Any, job: Job, old_entry: str | None) -> None:
-                    if old_entry != entry:
-                        self._stage_ack(pipe, entry)
-
+            done = False
+            if job_id:
                 try:
-                    _, done = await self._mutate(job_id, fn, ack)
+                    done = bool((await self._mutate(job_id, fn, ack))[1])
                 except JobNotFound:
-                    done = False
-                if done:
-                    count += 1
-                else:
-                    state = await self.r.hget(self._job(job_id), "state")
-                    if state is None or JobState(state).terminal:
-                        async with self.r.pipeline(transaction=True) as pipe:
-                            self._stage_ack(pipe, entry)
-                            await pipe.execute()
+                    pass
+            if done:
+                count += 1
+                continue
+            state = await self.r.hget(self._job(job_id), "state") if job_id else None
+            if state is None or JobState(state).terminal:
+                await self._q.ack(self.r, entry)
         return count
 
-    @_honour_cancellation
+    @honour_cancellation
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
         def fn(job: Job) -> bool:
             if not owned_by(job, replica_id):
@@ -395,15 +318,14 @@ class RedisJobStore(JobStore):
 
         def reset_idle(pipe: Any, job: Job, entry: str | None) -> None:
             if entry:
-                tier, _, entry_id = entry.partition("|")
-                pipe.xclaim(self._queue(JobTier(tier)), GROUP, replica_id, 0, [entry_id], justid=True)
+                self._q.stage_touch(pipe, entry, replica_id)
 
         try:
             return bool((await self._mutate(job_id, fn, reset_idle))[1])
         except JobNotFound:
             return False
 
-    @_honour_cancellation
+    @honour_cancellation
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def fn(job: Job) -> bool:
             if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
@@ -424,7 +346,7 @@ class RedisJobStore(JobStore):
         except JobNotFound:
             return False
 
-    @_honour_cancellation
+    @honour_cancellation
     async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,
                      result: bytes | None = None, error: JobError | None = None) -> Job | None:
         if not state.terminal:
@@ -440,7 +362,7 @@ class RedisJobStore(JobStore):
         job, done = await self._mutate(job_id, fn)
         return job if done else None
 
-    @_honour_cancellation
+    @honour_cancellation
     async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
                       count_attempt: bool = True) -> Job | None:
         def fn(job: Job) -> bool:
@@ -454,7 +376,7 @@ class RedisJobStore(JobStore):
             return None
         return job if done else None
 
-    @_honour_cancellation
+    @honour_cancellation
     async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
         def fn(job: Job) -> bool:
             job.webhook_deliveries.append(delivery)
@@ -465,7 +387,7 @@ class RedisJobStore(JobStore):
         except JobNotFound:
             pass
 
-    @_honour_cancellation
+    @honour_cancellation
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         expired: list[Job] = []
         for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):

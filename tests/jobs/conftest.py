@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import selectors
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from server.jobs.model import Job, JobState, JobTier, Transition, new_job_id
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
@@ -31,21 +31,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--appendonly", "no", "--dir", str(workdir), "--loglevel", "notice"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "redis-server exited at startup"
-            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-            time.sleep(0.02)  # polling a subprocess's port: there is nothing to wait on
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 15
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            seen = b""
+            while b"Ready to accept connections" not in seen:  # redis-server's own readiness line
+                left = deadline - time.monotonic()
+                assert left > 0 and proc.poll() is None, f"redis-server did not start: {seen[-500:]!r}"
+                if sel.select(timeout=left):
+                    seen += proc.stdout.read1(4096)
+        proc.stdout.close()
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -89,11 +88,3 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 @pytest.fixture
 async def store(stores: StoreFactory) -> JobStore:
     return await stores.open()
-
-
-def make_job(*, tier: JobTier = JobTier.STANDARD, now: float = 1000.0, key: str = "", fingerprint: str = "fp",
-             max_attempts: int = 3, queue_ttl: float = 0.0, retention: float = 0.0, max_tokens: int = 8) -> Job:
-    return Job(job_id=new_job_id(), tier=tier, params=b"\x01\x02", fingerprint=fingerprint, seed=7,
-               max_tokens=max_tokens, idempotency_key=key, max_attempts=max_attempts, queue_ttl=queue_ttl,
-               retention=retention, create_time=now, update_time=now,
-               history=[Transition(JobState.QUEUED, now)], labels={"team": "a"})

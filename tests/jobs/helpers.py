@@ -10,7 +10,7 @@ from tokenrelay.v1 import generation_pb2, jobs_pb2
 from engines.base import AsyncEngine, FinishReason, Request, RequestOutput, Usage
 from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 from server.jobs import convert
-from server.jobs.model import Job, JobsConfig
+from server.jobs.model import Job, JobsConfig, JobState, JobTier, Transition, new_job_id
 from server.jobs.store import JobStore
 
 
@@ -66,3 +66,11 @@ class FlakyEngine:
     async def _fail(self, request: Request) -> AsyncIterator[RequestOutput]:
         yield RequestOutput(request_id=request.request_id, finished=True, finish_reason=FinishReason.ERROR,
                             usage=Usage(len(request.prompt_token_ids), 0), error=f"injected failure {self.calls}")
+
+
+def make_job(*, tier: JobTier = JobTier.STANDARD, now: float = 1000.0, key: str = "", fingerprint: str = "fp",
+             max_attempts: int = 3, queue_ttl: float = 0.0, retention: float = 0.0, max_tokens: int = 8) -> Job:
+    return Job(job_id=new_job_id(), tier=tier, params=b"\x01\x02", fingerprint=fingerprint, seed=7,
+               max_tokens=max_tokens, idempotency_key=key, max_attempts=max_attempts, queue_ttl=queue_ttl,
+               retention=retention, create_time=now, update_time=now,
+               history=[Transition(JobState.QUEUED, now)], labels={"team": "a"})

@@ -135,6 +135,12 @@ async def test_bad_input_gets_clear_errors(jobs_server) -> None:
         async for _ in srv.stub.WatchJob(jobs_pb2.WatchJobRequest(job_id="job_nope")):
             pass
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    job = (await srv.stub.SubmitJob(submit_request(4))).job
+    for offset in (-1, 5):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in srv.stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id, from_token_offset=offset)):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await srv.stub.GetJob(jobs_pb2.GetJobRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
-import pytest
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
 from engines.base import Request, SamplingParams, StoppingCriteria

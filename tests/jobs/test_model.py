@@ -12,7 +12,7 @@ from server.jobs.model import (
     requeue_or_dead_letter, transition,
 )
 
-from tests.jobs.conftest import make_job
+from tests.jobs.helpers import make_job
 
 
 def test_job_ids_carry_128_random_bits() -> None:

@@ -135,15 +135,19 @@ async def test_sigkill_and_restart_finishes_every_job_exactly_once(spawn, tmp_pa
 
 
 async def test_two_replicas_on_redis_one_killed(spawn, redis_url: str) -> None:
+    redis_url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own: the servers use the default keys
     common = ("--jobs-max-running", "2", "--jobs-lease-seconds", "1.5")
     a = await spawn(redis_url, "--replica-id", "replica-a", *common)
     b = await spawn(redis_url, "--replica-id", "replica-b", *common)
     ids = [(await a.stub.SubmitJob(submit_request(80, prompt=f"doc {i}"))).job.job_id for i in range(6)]
-    await asyncio.wait_for(watch_until(a.stub, ids[0], 5), 30)
+    before = await asyncio.wait_for(watch_until(a.stub, ids[0], 5), 30)
     owners_running = [(await get(b.stub, j)) for j in ids]
     assert any(j.state == jobs_pb2.JOB_STATE_RUNNING for j in owners_running)
+    # a watch through replica b, live across the takeover, resumed where the watch on a stopped
+    live = asyncio.create_task(watch_from(b.stub, ids[0], len(before)))
     await a.kill()
     ended = [await wait_ended(b.stub, j) for j in ids]
+    assert before + await asyncio.wait_for(live, 60) == list(ended[0].result.token_ids)
     for job in ended:
         assert_finished_once(job, 80)
         # the persisted deltas, read back through the survivor, match the result

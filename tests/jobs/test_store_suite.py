@@ -12,7 +12,8 @@ from server.jobs.model import (
 )
 from server.jobs.store import JobStore
 
-from tests.jobs.conftest import StoreFactory, make_job
+from tests.jobs.conftest import StoreFactory
+from tests.jobs.helpers import make_job
 
 NOW = 1000.0
 
