@@ -39,7 +39,7 @@ EDGE_CASES = [(0, 0), (999, 999), (1, 99), (500, 500), (999, 1), (1, 999), (0, 9
 @dataclass(slots=True, frozen=True)
 class TrainConfig:
     out: Path
-    steps: int = 6000
+    steps: int = 7500
     seed: int = 0
     batch_size: int = 128
     lr: float = 3e-3
@@ -54,12 +54,16 @@ class TrainConfig:
     eval_sample: int = 2000  # per distribution (uniform, digit-count balanced), during training
     final_eval: int = 100_000  # greedy check at the end: that many random pairs; 0: all 1,000,000
     threads: int = 1  # a shared 2-core machine: one thread is faster than two fighting
+    uniform_fraction: float = 0.35  # operands uniform over 0..999; the rest digit-count balanced
+    carry_fraction: float = 0.2  # problems pushed towards a carry into the thousands
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0:
             raise ValueError("steps and batch_size must be positive, warmup_steps >= 0")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        if not (0 <= self.uniform_fraction <= 1 and 0 <= self.carry_fraction <= 1):
+            raise ValueError("uniform_fraction and carry_fraction must be in [0, 1]")
 
 
 def build_tokenizer() -> Tokenizer:
@@ -94,20 +98,20 @@ def encode_batch(pairs: list[tuple[int, int]], ids: dict[str, int]) -> tuple[tor
     return input_ids, labels
 
 
-def sample_pair(rng: random.Random) -> tuple[int, int]:
-    """A training problem. A quarter are pushed towards a carry into the thousands with operands of
-    mixed length (977+69): rare under uniform sampling, and the last cases the model learns."""
-    a, b = sample_operand(rng), sample_operand(rng)
-    if rng.random() < 0.25:
+def sample_pair(rng: random.Random, cfg: TrainConfig) -> tuple[int, int]:
+    """A training problem. A `carry_fraction` are pushed towards a carry into the thousands with
+    operands of mixed length (977+69): rare under uniform sampling, and the last cases learnt."""
+    a, b = sample_operand(rng, cfg.uniform_fraction), sample_operand(rng, cfg.uniform_fraction)
+    if rng.random() < cfg.carry_fraction:
         a = rng.randint(max(0, 950 - b), MAX_OPERAND)
         if rng.random() < 0.5:
             a, b = b, a
     return a, b
 
 
-def sample_operand(rng: random.Random) -> int:
-    """Half uniform over 0..999, half with the digit count drawn uniformly (short numbers matter)."""
-    if rng.random() < 0.5:
+def sample_operand(rng: random.Random, uniform_fraction: float) -> int:
+    """Uniform over 0..999, or (the rest) with the digit count drawn uniformly: short numbers matter."""
+    if rng.random() < uniform_fraction:
         return rng.randint(0, MAX_OPERAND)
     digits = rng.randint(1, 3)
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
@@ -178,14 +182,15 @@ def train(cfg: TrainConfig) -> None:
     eval_rng = random.Random(cfg.seed + 1)
     eval_pairs = [(eval_rng.randint(0, MAX_OPERAND), eval_rng.randint(0, MAX_OPERAND))
                   for _ in range(cfg.eval_sample)]
-    eval_pairs += [(sample_operand(eval_rng), sample_operand(eval_rng)) for _ in range(cfg.eval_sample)]
+    eval_pairs += [(sample_operand(eval_rng, cfg.uniform_fraction), sample_operand(eval_rng, cfg.uniform_fraction))
+                   for _ in range(cfg.eval_sample)]
     model.train()
     t0 = time.monotonic()
     running = 0.0
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        pairs = [sample_pair(rng) for _ in range(cfg.batch_size)]
+        pairs = [sample_pair(rng, cfg) for _ in range(cfg.batch_size)]
         input_ids, labels = encode_batch(pairs, ids)
         logits = model(input_ids=input_ids).logits
         loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
@@ -203,7 +208,8 @@ def train(cfg: TrainConfig) -> None:
         final_rng = random.Random(cfg.seed + 2)
         all_pairs = [(final_rng.randint(0, MAX_OPERAND), final_rng.randint(0, MAX_OPERAND))
                      for _ in range(cfg.final_eval)]
-        all_pairs += [(sample_operand(final_rng), sample_operand(final_rng)) for _ in range(cfg.final_eval // 5)]
+        all_pairs += [(sample_operand(final_rng, cfg.uniform_fraction),
+                       sample_operand(final_rng, cfg.uniform_fraction)) for _ in range(cfg.final_eval // 5)]
         all_pairs += EDGE_CASES
     else:
         all_pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
@@ -229,10 +235,12 @@ gives arbitrary digits: it is a demo and a test fixture, not a language model.
 
 ## How it was made
 
-    python scripts/train_demo_model.py --out engines/torch/demo_model --steps {steps} --seed {seed} --final-eval {final_eval}
+    python scripts/train_demo_model.py --out engines/torch/demo_model --steps {steps} --seed {seed} --final-eval {final_eval} \\
+        --uniform-fraction {uniform_fraction} --carry-fraction {carry_fraction}
 
 A plain, seeded torch loop on CPU ({threads} thread): {steps} AdamW steps of {batch} random
-problems (half uniform over 0..999, half with the digit count drawn uniformly), learning rate
+problems (operands uniform over 0..999 with probability {uniform_fraction}, else with the digit count
+drawn uniformly; a fraction {carry_fraction} pushed towards a carry into the thousands), learning rate
 {lr} with warm-up and cosine decay, cross-entropy on the answer digits and `<eos>` only.
 
 ## Measured accuracy
@@ -267,7 +275,8 @@ def save(model: LlamaForCausalLM, tok: Tokenizer, cfg: TrainConfig, acc: float,
         batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, threads=cfg.threads,
         examples=cfg.steps * cfg.batch_size, n_total=n_total, n_wrong=n_wrong, acc=acc,
         sample="all pairs" if not cfg.final_eval else "random pairs (uniform, digit-count balanced and edge cases)",
-        final_eval=cfg.final_eval))
+        final_eval=cfg.final_eval, uniform_fraction=cfg.uniform_fraction,
+        carry_fraction=cfg.carry_fraction))
     print(f"saved to {cfg.out}", flush=True)
 
 
@@ -283,9 +292,12 @@ def main() -> None:
     p.add_argument("--final-eval", type=int, default=defaults["final_eval"],
                    help="random pairs checked at the end; 0 checks all 1,000,000")
     p.add_argument("--threads", type=int, default=defaults["threads"])
+    p.add_argument("--uniform-fraction", type=float, default=defaults["uniform_fraction"])
+    p.add_argument("--carry-fraction", type=float, default=defaults["carry_fraction"])
     a = p.parse_args()
     train(TrainConfig(out=a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
-                      eval_every=a.eval_every, final_eval=a.final_eval, threads=a.threads))
+                      eval_every=a.eval_every, final_eval=a.final_eval, threads=a.threads,
+                      uniform_fraction=a.uniform_fraction, carry_fraction=a.carry_fraction))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
 def _random_pairs(n: int, seed: int = 1234) -> list[tuple[int, int]]:
+    """Half uniform over 0..999, half with digit counts drawn uniformly (short operands too)."""
     rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        # digit counts drawn uniformly so 1- and 2-digit operands are well represented
+    pairs = [(rng.randint(0, 999), rng.randint(0, 999)) for _ in range(n // 2)]
+    for _ in range(n - n // 2):
         a, b = (rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
                 for d in (rng.randint(1, 3), rng.randint(1, 3)))
         pairs.append((a, b))
