@@ -23,6 +23,7 @@ from engines.base import AsyncEngine, FinishReason, Request, SamplingParams, Sto
 from server.admission import AdmissionController
 from server.config import ServerConfig
 from server.health import ServingState, watch_engine
+from server.jobs.component import JobsComponent
 from server.text_generation import TextGenerationServicer
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ async def warm_up(engine: AsyncEngine) -> None:
         raise RuntimeError(f"warm-up generation failed: {final.error if final else 'no final output'}")
 
 
-def _jobs_servicer(engine: AsyncEngine, state: ServingState, config: ServerConfig) -> jobs_pb2_grpc.JobsServicer:
+def _jobs_component(engine: AsyncEngine, config: ServerConfig) -> JobsComponent | None:
     # ---- JOBS SERVICE WIRING: the one place the Jobs servicer is chosen. ------------------
-    # The base servicer answers UNIMPLEMENTED; the lead swaps in server.jobs' servicer here.
-    del engine, state, config
-    return jobs_pb2_grpc.JobsServicer()
+    # With config.jobs (server.main sets it) the durable jobs component serves the Jobs API;
+    # without it the base servicer answers UNIMPLEMENTED.
+    return JobsComponent(config.jobs, engine) if config.jobs is not None else None
 
 
 @dataclass(slots=True, eq=False)
@@ -70,6 +71,7 @@ class ServerHandle:
     admission: AdmissionController
     config: ServerConfig
     startup: asyncio.Task | None = None  # engine.start + warm-up; set by start_server
+    jobs: JobsComponent | None = None  # claims jobs once the engine is ready
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stopped: bool = False
 
@@ -100,6 +102,8 @@ class ServerHandle:
         self._stopped = True
         await self.health.set_draining()
         await self.server.stop(grace)
+        if self.jobs is not None:
+            await self.jobs.stop()  # stop claiming; running jobs finish or go back to the queue
         for task in (self.startup, *self._tasks):
             if task is None:
                 continue
@@ -126,6 +130,8 @@ async def _start_up(handle: ServerHandle) -> None:
         await handle.health.set_dead(f"start-up failed: {type(exc).__name__}: {exc}")
         raise
     await handle.health.set_serving()
+    if handle.jobs is not None:
+        await handle.jobs.start()
     handle._tasks.append(asyncio.create_task(
         watch_engine(handle.engine, handle.health, handle.config.health_check_interval_seconds),
         name="tokenrelay-engine-watchdog"))
@@ -150,7 +156,12 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
     ])
     text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
         TextGenerationServicer(engine, state, admission), server)
-    jobs_pb2_grpc.add_JobsServicer_to_server(_jobs_servicer(engine, state, config), server)
+    jobs = _jobs_component(engine, config)
+    if jobs is None:
+        jobs_pb2_grpc.add_JobsServicer_to_server(jobs_pb2_grpc.JobsServicer(), server)
+    else:
+        jobs.register(server)
+        await jobs.open()
     health_pb2_grpc.add_HealthServicer_to_server(state.servicer, server)
     reflection.enable_server_reflection((
         text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
@@ -163,7 +174,7 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
     handle = ServerHandle(server=server, port=port, engine=engine, health=state, admission=admission,
-                          config=config)
+                          config=config, jobs=jobs)
     handle.startup = asyncio.create_task(_start_up(handle), name="tokenrelay-startup")
     if wait_ready:
         try:

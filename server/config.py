@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from engines.config import TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
+from server.jobs.model import JobsConfig
 
 ENGINES = ("torch", "synthetic")
 
@@ -36,6 +37,7 @@ class ServerConfig:
     warmup: bool = True  # run one generation before reporting SERVING
     max_message_bytes: int = 16 << 20
     log_level: str = "INFO"
+    jobs: JobsConfig | None = None  # durable jobs; None: the Jobs API answers UNIMPLEMENTED
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

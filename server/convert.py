@@ -241,9 +241,9 @@ class ResultAccumulator:
         return r
 
 
-def stream_started(request: Request) -> text_generation_pb2.GenerateStreamResponse:
+def stream_started(request_id: str, request: Request) -> text_generation_pb2.GenerateStreamResponse:
     return text_generation_pb2.GenerateStreamResponse(started=text_generation_pb2.StreamStarted(
-        request_id=request.request_id, prompt_tokens=len(request.prompt_token_ids),
+        request_id=request_id, prompt_tokens=len(request.prompt_token_ids),
         seed=request.sampling.seed or 0))
 
 

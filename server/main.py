@@ -22,6 +22,7 @@ from engines.config import SchedulerConfig, TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.app import ServerHandle, start_server
 from server.config import ENGINES, AdmissionConfig, ServerConfig
+from server.jobs.component import add_jobs_arguments, jobs_config_from_args
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -74,6 +75,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-ttft-ms", float, 20.0, "synthetic engine: first token this long after scheduling")
     add("--synthetic-itl-ms", float, 5.0, "synthetic engine: then one token every this many ms")
     add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
+    add_jobs_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -96,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
                         synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
-                        log_level=args.log_level.upper())
+                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args))
 
 
 async def _serve(config: ServerConfig) -> int:

@@ -36,6 +36,11 @@ def resolve_request_id(params: generation_pb2.GenerationParams, context: grpc.ai
     return uuid.uuid4().hex
 
 
+def engine_request_id(request_id: str) -> str:
+    """The engine's id for one call: the client's id made unique, since clients may reuse theirs."""
+    return f"{request_id}#{uuid.uuid4().hex[:12]}"
+
+
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline as a time.monotonic() instant, or None."""
     remaining = context.time_remaining()
@@ -89,9 +94,11 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
         if params.WhichOneof("prompt") == "text" and len(params.text) > INLINE_TOKENIZE_CHARS:
             ids = await asyncio.to_thread(tokenize, params.text)  # keep the event loop responsive
             tokenize = lambda _text: ids  # noqa: E731
-        return convert.request_from_params(
+        req = convert.request_from_params(
             params, request_id=request_id, info=self._engine.info(), tokenize=tokenize,
             arrival_time=arrival, deadline=call_deadline(context))
+        req.request_id = engine_request_id(request_id)
+        return req
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """Abort the call with `exc`'s status; an engine found dead marks the server dead at once."""
@@ -150,7 +157,7 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
             with self._admission.try_acquire(len(req.prompt_token_ids)):
                 call = EngineCall(self._engine, req)
                 try:
-                    yield convert.stream_started(req)
+                    yield convert.stream_started(rid, req)
                     async for out in call:
                         delta = convert.stream_delta(out)
                         if delta is not None:

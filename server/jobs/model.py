@@ -300,7 +300,7 @@ def merge_deltas(deltas: list[Delta], from_offset: int = 0) -> tuple[list[int], 
 class JobsConfig:
     """Typed jobs configuration, built once from flags (`server.jobs.component`)."""
 
-    store_url: str = "sqlite://tokenrelay-jobs.db"  # relative: the working dir
+    store_url: str = "sqlite://tokenrelay-jobs.sqlite"  # relative: the working dir
     max_running: int = 8  # jobs in the engine at once, per replica
     queue_ttl: float = 24 * 3600.0  # default per job, seconds; 0: never
     retention: float = 7 * 24 * 3600.0  # default per job, seconds; 0: forever

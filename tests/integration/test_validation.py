@@ -114,12 +114,13 @@ async def test_detokenize_rejects_unknown_ids(text_generation_stub):
     assert "token_ids[1]" in violations(err.value)
 
 
-async def test_duplicate_running_request_id_is_rejected(synthetic_server, text_generation_stub):
+async def test_reused_request_id_of_a_running_call_is_served(synthetic_server, text_generation_stub):
+    """A client request id is a label for tracing: two calls may share one without clashing."""
     long = p(stopping__max_tokens=3000, request_id="dup")
     first = text_generation_stub.GenerateStream(tg.GenerateStreamRequest(params=long))
-    assert (await first.read()).WhichOneof("event") == "started"
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await text_generation_stub.Generate(tg.GenerateRequest(params=p(request_id="dup")), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "params.request_id" in violations(err.value)
+    started = await first.read()
+    assert started.WhichOneof("event") == "started" and started.started.request_id == "dup"
+    second = await text_generation_stub.Generate(tg.GenerateRequest(params=p(request_id="dup")), timeout=10)
+    assert second.result.request_id == "dup"
+    assert second.result.finish_reason != gen.FINISH_REASON_UNSPECIFIED
     first.cancel()
