@@ -55,11 +55,13 @@ async def warm_up(engine: AsyncEngine) -> None:
         raise RuntimeError(f"warm-up generation failed: {final.error if final else 'no final output'}")
 
 
-def _jobs_component(engine: AsyncEngine, config: ServerConfig) -> JobsComponent | None:
+def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingState) -> JobsComponent | None:
     # ---- JOBS SERVICE WIRING: the one place the Jobs servicer is chosen. ------------------
     # With config.jobs (server.main sets it) the durable jobs component serves the Jobs API;
     # without it the base servicer answers UNIMPLEMENTED.
-    return JobsComponent(config.jobs, engine) if config.jobs is not None else None
+    if config.jobs is None:
+        return None
+    return JobsComponent(config.jobs, engine, draining=lambda: state.draining)
 
 
 @dataclass(slots=True, eq=False)
@@ -156,7 +158,7 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
     ])
     text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
         TextGenerationServicer(engine, state, admission), server)
-    jobs = _jobs_component(engine, config)
+    jobs = _jobs_component(engine, config, state)
     if jobs is None:
         jobs_pb2_grpc.add_JobsServicer_to_server(jobs_pb2_grpc.JobsServicer(), server)
     else:

@@ -14,6 +14,7 @@ import argparse
 import functools
 import os
 import socket
+from collections.abc import Callable
 
 import grpc
 from tokenrelay.v1 import jobs_pb2_grpc
@@ -68,7 +69,8 @@ def jobs_config_from_args(args: argparse.Namespace) -> JobsConfig:
 
 class JobsComponent:
     def __init__(self, config: JobsConfig, engine: AsyncEngine, *, store: JobStore | None = None,
-                 webhook_sender: WebhookSender | None = None) -> None:
+                 webhook_sender: WebhookSender | None = None,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config.store_url)
         webhook = config.webhook
@@ -77,7 +79,7 @@ class JobsComponent:
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
         self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
-        self.servicer = JobsServicer(config, self.manager, engine, check)
+        self.servicer = JobsServicer(config, self.manager, engine, check, draining)
         self._opened = False
         self._started = False
 

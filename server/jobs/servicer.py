@@ -10,7 +10,7 @@ import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, InvalidRequest
-from server.errors import AlreadyExists, InvalidRequests, NotFound, abort
+from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort
 from server.jobs import convert
 from server.jobs.manager import JobManager
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
@@ -33,8 +33,10 @@ def _job_id(value: str) -> str:
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
-                 check_webhook: Callable[[str], None] | None) -> None:
+                 check_webhook: Callable[[str], None] | None,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self._config = config
+        self._draining = draining
         self._manager = manager
         self._engine = engine
         self._check_webhook = check_webhook
@@ -45,6 +47,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         try:
+            if self._draining():
+                raise ServerDraining("server is draining; submit to another replica")
             job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
                                           tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
                                           now=time.time())

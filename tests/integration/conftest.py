@@ -6,7 +6,8 @@ Reusable by every integration test:
   `.address` "127.0.0.1:PORT", `.engine`, `.config`, `.handle`). Timing / limits can be set
   with indirect parametrization:
   `@pytest.mark.parametrize("synthetic_server", [{"ttft_ms": 50, "max_pending_requests": 2}], indirect=True)`
-  (keys: any SyntheticEngineConfig field, any AdmissionConfig field, `drain_grace_seconds`).
+  (keys: any SyntheticEngineConfig field, any AdmissionConfig field, `drain_grace_seconds`,
+  `jobs`: a JobsConfig, default a fresh SQLite store; None serves Jobs as UNIMPLEMENTED).
 - `synthetic_server_factory`: `await factory(**same_keys, engine=..., wait_ready=...)` for
   several servers or a hand-built engine; all are stopped at teardown.
 - `channel`, `text_generation_stub`, `health_stub`, `jobs_stub`: connected to `synthetic_server`.
@@ -31,12 +32,13 @@ from engines.base import AsyncEngine
 from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 from server.app import ServerHandle, start_server
 from server.config import AdmissionConfig, ServerConfig
+from server.jobs.model import JobsConfig
 
 # Fast defaults so the suite stays quick on 2 shared cores.
 TEST_SYNTHETIC = {"ttft_ms": 5.0, "itl_ms": 1.0}
 _SYNTHETIC_FIELDS = {f.name for f in dataclasses.fields(SyntheticEngineConfig)}
 _ADMISSION_FIELDS = {f.name for f in dataclasses.fields(AdmissionConfig)}
-_SERVER_FIELDS = {"drain_grace_seconds", "health_check_interval_seconds", "warmup"}
+_SERVER_FIELDS = {"drain_grace_seconds", "health_check_interval_seconds", "warmup", "jobs"}
 
 
 @dataclass(slots=True)
@@ -65,11 +67,14 @@ def make_server_config(**overrides: Any) -> ServerConfig:
 
 
 @pytest.fixture
-async def synthetic_server_factory() -> AsyncIterator[Callable[..., Awaitable[SyntheticServer]]]:
+async def synthetic_server_factory(tmp_path) -> AsyncIterator[Callable[..., Awaitable[SyntheticServer]]]:
     handles: list[ServerHandle] = []
 
     async def factory(*, engine: AsyncEngine | None = None, wait_ready: bool = True,
                       **overrides: Any) -> SyntheticServer:
+        # The Jobs service on a fresh SQLite file per server (pass jobs=None to leave it out).
+        overrides.setdefault("jobs", JobsConfig(store_url=f"sqlite://{tmp_path}/jobs-{len(handles)}.sqlite",
+                                                poll_interval=0.05))
         config = make_server_config(**overrides)
         engine = engine if engine is not None else SyntheticEngine(config.synthetic)
         handle = await start_server(config, engine, wait_ready=wait_ready)

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import text_generation_pb2 as tg
 from tokenrelay.v1 import text_generation_pb2_grpc
+from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 
@@ -101,6 +102,10 @@ async def test_draining_refuses_new_calls_and_lets_in_flight_finish(synthetic_se
     assert got == {"": SERVING, SERVICES[0]: NOT_SERVING, SERVICES[1]: NOT_SERVING}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
+    jobs = jobs_pb2_grpc.JobsStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(params=params(2)), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
     load = await stub.GetServerLoad(tg.GetServerLoadRequest(), timeout=5)
     assert load.draining
