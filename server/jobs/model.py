@@ -282,6 +282,67 @@ def owned_by(job: Job, replica_id: str) -> bool:
     return job.state is JobState.RUNNING and job.owner == replica_id
 
 
+# -- the store-side changes: each returns False when nothing may be written ----------------
+def extend_lease(job: Job, replica_id: str, lease: float, now: float) -> bool:
+    """A heartbeat: the lease of a job running on `replica_id` runs on."""
+    if not owned_by(job, replica_id):
+        return False
+    job.lease_until = now + lease
+    return True
+
+
+def add_output(job: Job, replica_id: str, delta: Delta, now: float) -> bool:
+    """Count one persisted delta; False when the job is not ours or `delta` does not continue
+    the persisted output."""
+    if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
+            or delta.text_offset != job.text_chars):
+        return False
+    job.completion_tokens += len(delta.token_ids)
+    job.text_chars += len(delta.text)
+    job.update_time = now
+    job.version += 1
+    return True
+
+
+def finish_job(job: Job, replica_id: str | None, state: JobState, now: float, *,
+               result: bytes | None = None, error: JobError | None = None) -> bool:
+    """The terminal transition; with `replica_id`, only while the job runs there."""
+    if job.state.terminal or (replica_id is not None and not owned_by(job, replica_id)):
+        return False
+    transition(job, state, now)
+    job.result = result if result is not None else job.result
+    job.last_error = error if error is not None else job.last_error
+    return True
+
+
+def release_job(job: Job, replica_id: str, error: JobError | None, now: float, *,
+                count_attempt: bool = True) -> bool:
+    """An attempt on `replica_id` ended without a result (see requeue_or_dead_letter)."""
+    if not owned_by(job, replica_id):
+        return False
+    requeue_or_dead_letter(job, error, now, count_attempt=count_attempt)
+    return True
+
+
+def recover_job(job: Job, replica_id: str, now: float) -> bool:
+    """At startup: a job `replica_id` was running when it died goes back (the attempt counts)."""
+    return release_job(job, replica_id, JobError(14, "replica restarted during the attempt"), now)
+
+
+def record_delivery(job: Job, delivery: WebhookDelivery) -> bool:
+    job.webhook_deliveries.append(delivery)
+    job.version += 1
+    return True
+
+
+def expire_job(job: Job, now: float) -> bool:
+    """A queued job past its queue TTL expires."""
+    if not queue_expired(job, now):
+        return False
+    transition(job, JobState.EXPIRED, now)
+    return True
+
+
 def merge_deltas(deltas: list[Delta], from_offset: int = 0) -> tuple[list[int], str]:
     """The output token ids from `from_offset` on, and the text of the deltas wholly after it."""
     ids: list[int] = []

@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, claim_job, owned_by, queue_expired,
-    requeue_or_dead_letter, transition,
+    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, add_output, claim_job, expire_job, extend_lease,
+    finish_job, record_delivery, recover_job, release_job,
 )
 from server.jobs.redis_queue import RedisQueue, honour_cancellation
 from server.jobs.store import JobStore, check_idempotency
@@ -284,12 +284,6 @@ class RedisJobStore(JobStore):
     async def recover(self, replica_id: str, now: float) -> int:
         count = 0
         for entry, job_id in await self._q.pending(self.r, replica_id):
-            def fn(job: Job) -> bool:
-                if not owned_by(job, replica_id):
-                    return False
-                requeue_or_dead_letter(job, JobError(14, "replica restarted during the attempt"), now)
-                return True
-
             def ack(pipe: Any, job: Job, old_entry: str | None, entry: str = entry) -> None:
                 if old_entry != entry:
                     self._q.stage_ack(pipe, entry)
@@ -297,7 +291,7 @@ class RedisJobStore(JobStore):
             done = False
             if job_id:
                 try:
-                    done = bool((await self._mutate(job_id, fn, ack))[1])
+                    done = bool((await self._mutate(job_id, lambda job: recover_job(job, replica_id, now), ack))[1])
                 except JobNotFound:
                     pass
             if done:
@@ -310,39 +304,24 @@ class RedisJobStore(JobStore):
 
     @honour_cancellation
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
-        def fn(job: Job) -> bool:
-            if not owned_by(job, replica_id):
-                return False
-            job.lease_until = now + lease
-            return True
-
         def reset_idle(pipe: Any, job: Job, entry: str | None) -> None:
             if entry:
                 self._q.stage_touch(pipe, entry, replica_id)
 
         try:
-            return bool((await self._mutate(job_id, fn, reset_idle))[1])
+            return bool((await self._mutate(job_id, lambda job: extend_lease(job, replica_id, lease, now),
+                                            reset_idle))[1])
         except JobNotFound:
             return False
 
     @honour_cancellation
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
-        def fn(job: Job) -> bool:
-            if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
-                    or delta.text_offset != job.text_chars):
-                return False
-            job.completion_tokens += len(delta.token_ids)
-            job.text_chars += len(delta.text)
-            job.update_time = now
-            job.version += 1
-            return True
-
         def push(pipe: Any, job: Job, entry: str | None) -> None:
             pipe.rpush(self._deltas(job_id), json.dumps([delta.offset, delta.text_offset,
                                                          list(delta.token_ids), delta.text]))
 
         try:
-            return bool((await self._mutate(job_id, fn, push))[1])
+            return bool((await self._mutate(job_id, lambda job: add_output(job, replica_id, delta, now), push))[1])
         except JobNotFound:
             return False
 
@@ -351,39 +330,24 @@ class RedisJobStore(JobStore):
                      result: bytes | None = None, error: JobError | None = None) -> Job | None:
         if not state.terminal:
             raise ValueError(f"finish needs a terminal state, not {state.value}")
-
-        def fn(job: Job) -> bool:
-            if job.state.terminal or (replica_id is not None and not owned_by(job, replica_id)):
-                return False
-            transition(job, state, now)
-            job.result = result if result is not None else job.result
-            job.last_error = error if error is not None else job.last_error
-            return True
-        job, done = await self._mutate(job_id, fn)
+        job, done = await self._mutate(
+            job_id, lambda job: finish_job(job, replica_id, state, now, result=result, error=error))
         return job if done else None
 
     @honour_cancellation
     async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
                       count_attempt: bool = True) -> Job | None:
-        def fn(job: Job) -> bool:
-            if not owned_by(job, replica_id):
-                return False
-            requeue_or_dead_letter(job, error, now, count_attempt=count_attempt)
-            return True
         try:
-            job, done = await self._mutate(job_id, fn)
+            job, done = await self._mutate(
+                job_id, lambda job: release_job(job, replica_id, error, now, count_attempt=count_attempt))
         except JobNotFound:
             return None
         return job if done else None
 
     @honour_cancellation
     async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
-        def fn(job: Job) -> bool:
-            job.webhook_deliveries.append(delivery)
-            job.version += 1
-            return True
         try:
-            await self._mutate(job_id, fn)
+            await self._mutate(job_id, lambda job: record_delivery(job, delivery))
         except JobNotFound:
             pass
 
@@ -391,13 +355,8 @@ class RedisJobStore(JobStore):
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         expired: list[Job] = []
         for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):
-            def fn(job: Job) -> bool:
-                if not queue_expired(job, now):
-                    return False
-                transition(job, JobState.EXPIRED, now)
-                return True
             try:
-                job, done = await self._mutate(job_id, fn)
+                job, done = await self._mutate(job_id, lambda job: expire_job(job, now))
             except JobNotFound:
                 await self.r.zrem(self._qdeadline, job_id)
                 continue

@@ -3,6 +3,7 @@ work in `server.jobs.manager`, errors map through `server.errors`."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +26,16 @@ def _map_error(exc: Exception) -> Exception:
     return exc
 
 
+@contextlib.asynccontextmanager
+async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Every failure in the block becomes a proper status (abort raises)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        await abort(context, _map_error(exc))
+        raise  # unreachable: abort raises
+
+
 def _job_id(value: str) -> str:
     if not value:
         raise InvalidRequest("job_id", "must not be empty")
@@ -41,12 +52,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self._engine = engine
         self._check_webhook = check_webhook
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        await abort(context, _map_error(exc))
-
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
-        try:
+        async with _status(context):
             if self._draining():
                 raise ServerDraining("server is draining; submit to another replica")
             job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
@@ -54,22 +62,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                                           now=time.time())
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
-            await self._fail(context, exc)
-            raise  # unreachable: abort raises
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest,
                      context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
-        try:
+        async with _status(context):
             job = await self._manager.store.get(_job_id(request.job_id))
             return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
-        try:
+        async with _status(context):
             if request.from_token_offset < 0:
                 raise InvalidRequest("from_token_offset", "must be >= 0")
             events = self._manager.watch(_job_id(request.job_id), request.from_token_offset)
@@ -83,22 +85,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                         yield convert.ended_event(ev)
             finally:
                 await events.aclose()
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
-        try:
+        async with _status(context):
             job = await self._manager.cancel(_job_id(request.job_id))
             return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
                        context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        try:
+        async with _status(context):
             size = request.page_size or convert.DEFAULT_PAGE_SIZE
             if not 1 <= size <= convert.MAX_PAGE_SIZE:
                 raise InvalidRequest("page_size", f"must be in [1, {convert.MAX_PAGE_SIZE}], got {request.page_size}")
@@ -108,19 +104,13 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             except ValueError as exc:
                 raise InvalidRequests([("page_token", str(exc))]) from exc
             return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.DeleteJobResponse:
-        try:
+        async with _status(context):
             job_id = _job_id(request.job_id)
             job = await self._manager.store.get(job_id)
             if not job.state.terminal:
                 await self._manager.cancel(job_id)  # stop it first: nothing keeps running for nobody
             await self._manager.store.delete(job_id)
             return jobs_pb2.DeleteJobResponse()
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise

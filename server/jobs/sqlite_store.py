@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, claim_job, owned_by, queue_expired,
-    requeue_or_dead_letter, retention_over, transition,
+    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, add_output, claim_job, expire_job, extend_lease,
+    finish_job, record_delivery, recover_job, release_job, retention_over,
 )
 from server.jobs.store import JobStore, check_idempotency
 
@@ -233,34 +233,25 @@ class SqliteJobStore(JobStore):
             rows = conn.execute("SELECT doc FROM jobs WHERE state = 'running' AND owner = ?", (replica_id,)).fetchall()
             for (doc,) in rows:
                 job = Job.from_dict(json.loads(doc))
-                requeue_or_dead_letter(job, JobError(14, "replica restarted during the attempt"), now)
-                self._save(conn, job)
+                if recover_job(job, replica_id, now):  # always: the query picked jobs running here
+                    self._save(conn, job)
             return len(rows)
         return await self._run(self._tx, body)
 
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
-        def fn(job: Job) -> bool:
-            if not owned_by(job, replica_id):
-                return False
-            job.lease_until = now + lease
-            return True
         try:
-            return (await self._run(self._mutate, job_id, fn, write=False))[1]
+            return (await self._run(self._mutate, job_id, lambda job: extend_lease(job, replica_id, lease, now),
+                                    write=False))[1]
         except JobNotFound:
             return False
 
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
             job = self._load(conn, job_id)
-            if (job is None or not owned_by(job, replica_id) or delta.offset != job.completion_tokens
-                    or delta.text_offset != job.text_chars):
+            if job is None or not add_output(job, replica_id, delta, now):
                 return False
             conn.execute("INSERT INTO deltas (job_id, token_offset, text_offset, token_ids, text) VALUES (?, ?, ?, ?, ?)",
                          (job_id, delta.offset, delta.text_offset, json.dumps(list(delta.token_ids)), delta.text))
-            job.completion_tokens += len(delta.token_ids)
-            job.text_chars += len(delta.text)
-            job.update_time = now
-            job.version += 1
             self._save(conn, job)
             return True
         return await self._run(self._tx, body)
@@ -269,37 +260,22 @@ class SqliteJobStore(JobStore):
                      result: bytes | None = None, error: JobError | None = None) -> Job | None:
         if not state.terminal:
             raise ValueError(f"finish needs a terminal state, not {state.value}")
-
-        def fn(job: Job) -> bool:
-            if job.state.terminal or (replica_id is not None and not owned_by(job, replica_id)):
-                return False
-            transition(job, state, now)
-            job.result = result if result is not None else job.result
-            job.last_error = error if error is not None else job.last_error
-            return True
-        job, done = await self._run(self._mutate, job_id, fn)
+        job, done = await self._run(
+            self._mutate, job_id, lambda job: finish_job(job, replica_id, state, now, result=result, error=error))
         return job if done else None
 
     async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
                       count_attempt: bool = True) -> Job | None:
-        def fn(job: Job) -> bool:
-            if not owned_by(job, replica_id):
-                return False
-            requeue_or_dead_letter(job, error, now, count_attempt=count_attempt)
-            return True
         try:
-            job, done = await self._run(self._mutate, job_id, fn)
+            job, done = await self._run(
+                self._mutate, job_id, lambda job: release_job(job, replica_id, error, now, count_attempt=count_attempt))
         except JobNotFound:
             return None
         return job if done else None
 
     async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
-        def fn(job: Job) -> bool:
-            job.webhook_deliveries.append(delivery)
-            job.version += 1
-            return True
         try:
-            await self._run(self._mutate, job_id, fn)
+            await self._run(self._mutate, job_id, lambda job: record_delivery(job, delivery))
         except JobNotFound:
             pass  # deleted meanwhile
 
@@ -310,8 +286,7 @@ class SqliteJobStore(JobStore):
                                 (now,)).fetchall()
             for (doc,) in rows:
                 job = Job.from_dict(json.loads(doc))
-                if queue_expired(job, now):
-                    transition(job, JobState.EXPIRED, now)
+                if expire_job(job, now):
                     self._save(conn, job)
                     expired.append(job)
             gone = [r[0] for r in conn.execute("SELECT doc FROM jobs WHERE delete_at <= ?", (now,)).fetchall()]
