@@ -1,13 +1,15 @@
 """Every error the server returns is mapped here, once, to a gRPC status with google.rpc details.
 
 Servicers raise domain exceptions (`InvalidRequest`, `AdmissionRejected`, `ServerDraining`,
-`EngineDeadError`, `NotFound`, ...) and wrap handlers in `abort_on_error`, which turns them
-into `context.abort_with_status(...)`. Nothing is ever returned with status OK on failure.
+`EngineDeadError`, `NotFound`, ...) inside `abort_on_error`, which turns them into
+`context.abort_with_status(...)`. Nothing is ever returned with status OK on failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import duration_pb2
@@ -138,3 +140,18 @@ def to_status(exc: BaseException) -> status_pb2.Status:
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the call with the status for `exc`; raises (as grpc.aio's abort does)."""
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+
+
+@contextlib.asynccontextmanager
+async def abort_on_error(context: grpc.aio.ServicerContext,
+                         on_error: Callable[[Exception], Awaitable[Exception]] | None = None
+                         ) -> AsyncIterator[None]:
+    """Around a handler's body: any failure aborts the call with its status (abort raises).
+
+    `on_error` may look at the failure first and return the exception to report.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
+        await abort(context, await on_error(exc) if on_error is not None else exc)
+        raise  # unreachable: abort raises

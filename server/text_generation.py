@@ -20,7 +20,9 @@ from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_p
 from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
 from server import convert
 from server.admission import AdmissionController
-from server.errors import Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort
+from server.errors import (
+    Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort, abort_on_error,
+)
 from server.health import ServingState
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -100,11 +102,15 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
         req.request_id = engine_request_id(request_id)
         return req
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        """Abort the call with `exc`'s status; an engine found dead marks the server dead at once."""
+    async def _note_dead(self, exc: Exception) -> Exception:
+        """An engine found dead marks the server dead at once (health NOT_SERVING)."""
         if isinstance(exc, EngineDeadError):
             await self._state.set_dead(str(exc))
-        await abort(context, exc)
+        return exc
+
+    def _status_on_error(self, context: grpc.aio.ServicerContext):
+        """Around a handler's body: any failure aborts the call with its status."""
+        return abort_on_error(context, self._note_dead)
 
     async def _ending_error(self, final: RequestOutput | None) -> Exception | None:
         """The status error for a request that did not finish normally, else None."""
@@ -127,7 +133,7 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
                        context: grpc.aio.ServicerContext) -> text_generation_pb2.GenerateResponse:
         rid = resolve_request_id(request.params, context)
         await context.send_initial_metadata(((REQUEST_ID_METADATA, rid),))
-        try:
+        async with self._status_on_error(context):
             req = await self._build(request.params, rid, context)
             with self._admission.try_acquire(len(req.prompt_token_ids)):
                 call = EngineCall(self._engine, req)
@@ -142,9 +148,6 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
             if error is not None:
                 raise error
             return text_generation_pb2.GenerateResponse(result=acc.result())
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
-            await self._fail(context, exc)
-            raise  # unreachable: abort raises
 
     async def GenerateStream(self, request: text_generation_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext
@@ -170,21 +173,18 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
             error = exc
         if error is not None:
-            await self._fail(context, error)
+            await abort(context, await self._note_dead(error))
 
     async def Tokenize(self, request: text_generation_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> text_generation_pb2.TokenizeResponse:
-        try:
+        async with self._status_on_error(context):
             self._state.check_accepting()
             ids = self._engine.tokenize(request.text, add_special_tokens=request.add_special_tokens)
             return text_generation_pb2.TokenizeResponse(token_ids=ids)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def Detokenize(self, request: text_generation_pb2.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> text_generation_pb2.DetokenizeResponse:
-        try:
+        async with self._status_on_error(context):
             self._state.check_accepting()
             vocab = self._engine.info().vocab_size
             bad = [(f"token_ids[{i}]", f"token id {t} outside [0, {vocab})")
@@ -193,25 +193,16 @@ class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
                 raise InvalidRequests(bad)
             text = self._engine.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
             return text_generation_pb2.DetokenizeResponse(text=text)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def GetModelInfo(self, request: text_generation_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> text_generation_pb2.GetModelInfoResponse:
-        try:
+        async with self._status_on_error(context):
             self._state.check_accepting()
             return convert.model_info_to_proto(self._engine.info())
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise
 
     async def GetServerLoad(self, request: text_generation_pb2.GetServerLoadRequest,
                             context: grpc.aio.ServicerContext) -> text_generation_pb2.GetServerLoadResponse:
-        try:
+        async with self._status_on_error(context):
             return convert.server_load_to_proto(
                 self._engine.stats(), queue_depth=self._admission.in_flight,
                 queue_capacity=self._admission.capacity, draining=self._state.draining)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, exc)
-            raise

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from tokenrelay.errors import TokenRelayError
+from tokenrelay.errors import DeadlineExceededError, TokenRelayError, from_rpc_error
 
 Metadata = Sequence[tuple[str, str | bytes]] | Mapping[str, str]
 UNSET: Any = object()  # "use the client's default timeout" (None means no deadline)
@@ -80,3 +80,65 @@ class RetryPolicy:
         if remaining is not None and delay >= remaining:
             return None
         return delay
+
+    def delay_or_raise(self, exc: grpc.RpcError, attempt: int, deadline: Deadline) -> float:
+        """`next_delay` for a failed attempt; raises its typed TokenRelayError when not retried."""
+        error = from_rpc_error(exc)
+        delay = self.next_delay(error, attempt, deadline)
+        if delay is None:
+            raise error from None
+        return delay
+
+
+@dataclass(slots=True)
+class JobWait:
+    """The decisions of Client.wait and AsyncClient.wait; each loop only does its own I/O.
+
+    A round gets the job, then watches it while the server has WatchJob. UNIMPLEMENTED
+    switches to polling GetJob every `poll_interval`; UNAVAILABLE is retried up to
+    `policy.retries` times in a row (an event seen resets that count); a watch that ends
+    without the job ending resets the backoff; anything else raises. Never waits past
+    `timeout`, raising DeadlineExceededError instead.
+    """
+
+    job_id: str
+    timeout: float | None
+    policy: RetryPolicy
+    poll_interval: float
+    deadline: Deadline = field(init=False)
+    watch_supported: bool = field(default=True, init=False)
+    attempt: int = field(default=0, init=False)
+    unavailable: int = field(default=0, init=False)  # consecutive UNAVAILABLE failures
+
+    def __post_init__(self) -> None:
+        self.deadline = Deadline(self.timeout)
+
+    def event_seen(self) -> None:
+        self.unavailable = 0
+
+    def watch_ended(self) -> None:
+        self.attempt = 0
+
+    def failed(self, error: TokenRelayError) -> None:
+        """Call from the round's `except`: returns to go on waiting, else raises."""
+        if error.code == grpc.StatusCode.UNIMPLEMENTED and self.watch_supported:
+            self.watch_supported = False
+        elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED or self.deadline.expired():
+            raise self.timed_out() from None
+        elif error.code != grpc.StatusCode.UNAVAILABLE or self.unavailable >= self.policy.retries:
+            raise error
+        else:
+            self.unavailable += 1
+
+    def next_pause(self) -> float:
+        """Seconds to sleep before the next round; raises if that would pass the deadline."""
+        pause = self.poll_interval if not self.watch_supported else self.policy.backoff(self.attempt)
+        self.attempt += 1
+        remaining = self.deadline.remaining()
+        if remaining is not None and pause >= remaining:
+            raise self.timed_out()
+        return pause
+
+    def timed_out(self) -> DeadlineExceededError:
+        return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"job {self.job_id} did not end within {self.timeout} s")

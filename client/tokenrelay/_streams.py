@@ -29,10 +29,9 @@ def iterate_with_retry(start: StartCall, policy: RetryPolicy, deadline: Deadline
                 yield response
             return
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            delay = None if received else policy.next_delay(error, attempt, deadline)
-            if delay is None:
-                raise error from None
+            if received:  # never retried once a response was seen
+                raise from_rpc_error(exc) from None
+            delay = policy.delay_or_raise(exc, attempt, deadline)
         finally:
             call.cancel()  # a no-op once the call has ended; frees it when the consumer stops
         time.sleep(delay)
@@ -52,10 +51,9 @@ async def aiterate_with_retry(start: StartCall, policy: RetryPolicy, deadline: D
                 yield response
             return
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            delay = None if received else policy.next_delay(error, attempt, deadline)
-            if delay is None:
-                raise error from None
+            if received:  # never retried once a response was seen
+                raise from_rpc_error(exc) from None
+            delay = policy.delay_or_raise(exc, attempt, deadline)
         finally:
             call.cancel()
         await asyncio.sleep(delay)

@@ -25,9 +25,9 @@ import grpc
 from tokenrelay import _params
 from tokenrelay._aio import AsyncClient
 from tokenrelay._retry import UNSET as _UNSET
-from tokenrelay._retry import Deadline, Metadata, RetryPolicy, merge_metadata
+from tokenrelay._retry import Deadline, JobWait, Metadata, RetryPolicy, merge_metadata
 from tokenrelay._streams import GenerationStream, iterate_with_retry
-from tokenrelay.errors import DeadlineExceededError, TokenRelayError, from_rpc_error
+from tokenrelay.errors import TokenRelayError
 from tokenrelay.v1 import (
     generation_pb2,
     jobs_pb2,
@@ -88,10 +88,7 @@ class Client:
             try:
                 return method(request, timeout=deadline.remaining(), metadata=md)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                delay = self._retry.next_delay(error, attempt, deadline)
-                if delay is None:
-                    raise error from None
+                delay = self._retry.delay_or_raise(exc, attempt, deadline)
             time.sleep(delay)
             attempt += 1
 
@@ -192,39 +189,19 @@ class Client:
              metadata: Metadata | None = None) -> jobs_pb2.Job:
         """Block until the job reaches a terminal state and return it. Watches the job (polls
         GetJob if the server has no WatchJob); raises DeadlineExceededError after `timeout`."""
-        deadline = Deadline(timeout)
-        watch_supported = True
-        attempt = 0
-        unavailable = 0  # consecutive UNAVAILABLE failures (each already retried)
+        waiting = JobWait(job_id, timeout, self._retry, poll_interval)
         while True:
             try:
-                job = self.get(job_id, timeout=deadline.remaining(), metadata=metadata)
+                job = self.get(job_id, timeout=waiting.deadline.remaining(), metadata=metadata)
                 if job.state in _params.TERMINAL_JOB_STATES:
                     return job
-                if watch_supported:
+                if waiting.watch_supported:
                     for event in self.watch(job_id, job.completion_tokens,
-                                            timeout=deadline.remaining(), metadata=metadata):
-                        unavailable = 0
+                                            timeout=waiting.deadline.remaining(), metadata=metadata):
+                        waiting.event_seen()
                         if event.WhichOneof("event") == "ended":
                             return event.ended
-                    attempt = 0
+                    waiting.watch_ended()
             except TokenRelayError as error:
-                if error.code == grpc.StatusCode.UNIMPLEMENTED and watch_supported:
-                    watch_supported = False
-                elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
-                    raise _wait_timeout(job_id, timeout) from None
-                elif error.code != grpc.StatusCode.UNAVAILABLE or unavailable >= self._retry.retries:
-                    raise
-                else:
-                    unavailable += 1
-            pause = poll_interval if not watch_supported else self._retry.backoff(attempt)
-            attempt += 1
-            remaining = deadline.remaining()
-            if remaining is not None and pause >= remaining:
-                raise _wait_timeout(job_id, timeout)
-            time.sleep(pause)
-
-
-def _wait_timeout(job_id: str, timeout: float | None) -> DeadlineExceededError:
-    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"job {job_id} did not end within {timeout} s")
+                waiting.failed(error)
+            time.sleep(waiting.next_pause())

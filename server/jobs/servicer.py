@@ -3,7 +3,6 @@ work in `server.jobs.manager`, errors map through `server.errors`."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,7 +10,7 @@ import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, InvalidRequest
-from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort
+from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort_on_error
 from server.jobs import convert
 from server.jobs.manager import JobManager
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
@@ -26,14 +25,11 @@ def _map_error(exc: Exception) -> Exception:
     return exc
 
 
-@contextlib.asynccontextmanager
-async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Every failure in the block becomes a proper status (abort raises)."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001
-        await abort(context, _map_error(exc))
-        raise  # unreachable: abort raises
+def _status(context: grpc.aio.ServicerContext):
+    """Every failure in the block becomes a proper status, jobs errors mapped first."""
+    async def mapped(exc: Exception) -> Exception:
+        return _map_error(exc)
+    return abort_on_error(context, mapped)
 
 
 def _job_id(value: str) -> str:
