@@ -1,14 +1,12 @@
-# tokenrelay server image. CPU by default; for CUDA build FROM a CUDA PyTorch base image and drop
-# the constraints file (it pins the CPU torch build).
+# tokenrelay server image. torch comes from the package index as `pip` resolves it (on Linux that is
+# the CUDA build); for a small CPU-only image, install a CPU torch wheel before this step.
 FROM python:3.11-slim
 WORKDIR /app
 COPY client/ client/
 COPY pyproject.toml ./
 COPY server/ server/
 COPY engines/ engines/
-COPY constraints/ constraints/
-RUN pip install --no-cache-dir -c constraints/ci.txt ./client . \
-    --extra-index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir ./client .
 EXPOSE 50051
 # Readiness and liveness use the standard gRPC health protocol (deploy/kubernetes.yaml).
 ENTRYPOINT ["tokenrelay", "serve", "--host", "0.0.0.0", "--port", "50051"]
