@@ -137,3 +137,20 @@ async def test_demo_prompt_longer_than_context_is_invalid_argument(torch_stub):
         await stub.Generate(tg.GenerateRequest(params=p), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "params.prompt" in err.value.details()
+
+
+@needs_demo
+async def test_demo_fifty_concurrent_streams_are_correct_and_distinct(torch_stub):
+    stub, _ = torch_stub
+    rng = random.Random(99)
+    pairs = [(rng.randint(0, 999), rng.randint(0, 999)) for _ in range(50)]
+
+    async def stream(a: int, b: int) -> str:
+        p = gen.GenerationParams(text=f"{a}+{b}=", sampling=gen.SamplingParams(temperature=0.0),
+                                 stopping=gen.StoppingCriteria(max_tokens=6))
+        events = [e async for e in stub.GenerateStream(tg.GenerateStreamRequest(params=p), timeout=120)]
+        assert events[-1].finished.finish_reason == gen.FINISH_REASON_EOS
+        return "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
+
+    texts = await asyncio.wait_for(asyncio.gather(*(stream(a, b) for a, b in pairs)), timeout=180)
+    assert texts == [str(a + b) for a, b in pairs]  # each stream got its own answer, in full
