@@ -21,6 +21,9 @@ from engines.torch.loader import load_model, resolve_dtype
 from engines.torch.sampler import Sampler, SamplingBatch, step_seed
 
 
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
+
+
 class _HostPack:
     """Arrays appended on the host, shipped to the device as one buffer, then viewed back."""
 
@@ -49,8 +52,7 @@ class _HostPack:
         buf = host.to(device, non_blocking=True)
         out = []
         for offset, nbytes, dtype, shape in self._layout:
-            tdtype = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}[dtype]
-            out.append(buf[offset:offset + nbytes].view(tdtype).view(shape))
+            out.append(buf[offset:offset + nbytes].view(_TORCH_DTYPES[dtype]).view(shape))
         return out
 
 

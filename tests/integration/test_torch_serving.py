@@ -97,7 +97,7 @@ async def test_torch_info_tokenize_and_load(torch_stub):
 
 
 @pytest.mark.parametrize("torch_stub", [pytest.param(DUMMY_TINY, id="dummy-tiny")], indirect=True)
-async def test_torch_cancel_and_deadline_free_kv_while_others_finish(torch_stub):
+async def test_torch_cancel_and_deadline_free_kv_while_others_finish(torch_stub, wait_until):
     """On the reference engine: a cancelled stream and an expired deadline give their KV blocks
     back while a request running beside them completes in full."""
     stub, handle = torch_stub
@@ -120,11 +120,7 @@ async def test_torch_cancel_and_deadline_free_kv_while_others_finish(torch_stub)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     result = (await asyncio.wait_for(other, timeout=120)).result
     assert result.finish_reason == gen.FINISH_REASON_LENGTH and result.usage.completion_tokens == 64
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while not handle.engine.stats().idle:  # bounded poll: the engine frees within a step
-        assert loop.time() < end, handle.engine.stats()
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: handle.engine.stats().idle, timeout=10)
     assert handle.admission.in_flight == 0
 
 
