@@ -65,7 +65,7 @@ def params(tokens: int, prompt: str) -> generation_pb2.GenerationParams:
         text=prompt, stopping=generation_pb2.StoppingCriteria(max_tokens=tokens, ignore_eos=True))
 
 
-async def interactive(stub: text_generation_pb2_grpc.TextGenerationStub, args: argparse.Namespace) -> list[float]:
+async def interactive(stub: text_generation_pb2_grpc.TextGenerationServiceStub, args: argparse.Namespace) -> list[float]:
     """`clients` closed-loop streams for `duration` seconds; the TTFT of each, in ms."""
     ttfts: list[float] = []
     end = time.monotonic() + args.duration
@@ -87,7 +87,7 @@ async def interactive(stub: text_generation_pb2_grpc.TextGenerationStub, args: a
     return ttfts
 
 
-async def count_done(stub: jobs_pb2_grpc.JobsStub) -> int:
+async def count_done(stub: jobs_pb2_grpc.JobsServiceStub) -> int:
     done, token = 0, ""
     while True:
         page = await stub.ListJobs(jobs_pb2.ListJobsRequest(states=[jobs_pb2.JOB_STATE_SUCCEEDED], page_size=1000,
@@ -103,8 +103,8 @@ async def run(args: argparse.Namespace) -> dict:
         proc, address = await start_server(args, workdir)
         try:
             async with grpc.aio.insecure_channel(address) as channel:
-                gen = text_generation_pb2_grpc.TextGenerationStub(channel)
-                jobs = jobs_pb2_grpc.JobsStub(channel)
+                gen = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+                jobs = jobs_pb2_grpc.JobsServiceStub(channel)
                 alone = await interactive(gen, args)
                 ids = []
                 for i in range(args.jobs):

@@ -24,7 +24,7 @@ from server.admission import AdmissionController
 from server.config import ServerConfig
 from server.health import ServingState, watch_engine
 from server.jobs.component import JobsComponent
-from server.text_generation import TextGenerationServicer
+from server.text_generation import TextGenerationServiceServicer
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +156,18 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
-        TextGenerationServicer(engine, state, admission), server)
+    text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(
+        TextGenerationServiceServicer(engine, state, admission), server)
     jobs = _jobs_component(engine, config, state)
     if jobs is None:
-        jobs_pb2_grpc.add_JobsServicer_to_server(jobs_pb2_grpc.JobsServicer(), server)
+        jobs_pb2_grpc.add_JobsServiceServicer_to_server(jobs_pb2_grpc.JobsServiceServicer(), server)
     else:
         jobs.register(server)
         await jobs.open()
     health_pb2_grpc.add_HealthServicer_to_server(state.servicer, server)
     reflection.enable_server_reflection((
-        text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-        jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
+        text_generation_pb2.DESCRIPTOR.services_by_name["TextGenerationService"].full_name,
+        jobs_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ), server)

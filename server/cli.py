@@ -5,7 +5,7 @@
     tokenrelay stream "Hello" --max-tokens 64
     tokenrelay submit "Hello" --wait
     tokenrelay job list --state running
-    tokenrelay health --service tokenrelay.v1.TextGeneration
+    tokenrelay health --service tokenrelay.v1.TextGenerationService
     tokenrelay bench --concurrency 1,4,16 --num-requests 64
 
 Client commands talk to --target (default: env TOKENRELAY_TARGET, else localhost:50051).
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("health", cmd_health, "gRPC health check; exit 0 only when SERVING",
               "Query grpc.health.v1.Health/Check. The empty service is liveness; "
-              "tokenrelay.v1.TextGeneration readiness.")
+              "tokenrelay.v1.TextGenerationService readiness.")
     sub.add_argument("--service", default="", help="service name to check (default: '' = server)")
 
     sub = add("bench", cmd_bench, "load-test a server (closed-loop or Poisson open-loop)",

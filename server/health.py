@@ -20,8 +20,8 @@ from server.errors import NotReady, ServerDraining
 
 log = logging.getLogger(__name__)
 
-TEXT_GENERATION_SERVICE = "tokenrelay.v1.TextGeneration"
-JOBS_SERVICE = "tokenrelay.v1.Jobs"
+TEXT_GENERATION_SERVICE = "tokenrelay.v1.TextGenerationService"
+JOBS_SERVICE = "tokenrelay.v1.JobsService"
 READINESS_SERVICES = (TEXT_GENERATION_SERVICE, JOBS_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

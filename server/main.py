@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from engines.config import SchedulerConfig, TorchEngineConfig
@@ -26,29 +26,62 @@ from server.jobs.component import add_jobs_arguments, jobs_config_from_args
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
+_BOOL_FALSE = ("0", "false", "no", "off")
 
 
-def _env_default(flag: str, default: Any, kind: Callable[[str], Any]) -> Any:
-    raw = os.environ.get("TOKENRELAY_" + flag.lstrip("-").replace("-", "_").upper())
-    if raw is None or raw == "":
-        return default
-    if kind is bool:
-        return raw.strip().lower() in _BOOL_TRUE
-    try:
-        return kind(raw)
-    except ValueError as exc:
-        raise SystemExit(f"bad value {raw!r} for TOKENRELAY_{flag.lstrip('-').replace('-', '_').upper()}: {exc}")
+def env_name(action: argparse.Action) -> str:
+    """TOKENRELAY_<FLAG> for a flag's long option (dashes as underscores)."""
+    long = next(o for o in action.option_strings if o.startswith("--"))
+    return "TOKENRELAY_" + long[2:].replace("-", "_").upper()
+
+
+def _env_value(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        lowered = raw.strip().lower()
+        if lowered not in _BOOL_TRUE + _BOOL_FALSE:
+            raise ValueError(f"expected one of {_BOOL_TRUE + _BOOL_FALSE}")
+        value = lowered in _BOOL_TRUE
+        return (not value) if isinstance(action, argparse._StoreFalseAction) else value
+    if isinstance(action, argparse._AppendAction):
+        kind = action.type or str
+        return [kind(part) for part in raw.split(",") if part.strip()]
+    value = action.type(raw) if action.type is not None else raw
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {sorted(action.choices)}")
+    return value
+
+
+def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every long-option flag of the serve parser (help excluded)."""
+    return [a for a in parser._actions
+            if any(o.startswith("--") for o in a.option_strings) and not isinstance(a, argparse._HelpAction)]
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Each flag's default becomes TOKENRELAY_<FLAG> when that is set: one rule for every flag.
+
+    Booleans read 1/true/yes/on or 0/false/no/off; repeatable flags read comma-separated values.
+    """
+    environ = os.environ if environ is None else environ
+    for action in serve_flags(parser):
+        raw = environ.get(env_name(action))
+        if raw is None or raw == "":
+            continue
+        try:
+            action.default = _env_value(action, raw)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise SystemExit(f"bad value {raw!r} for {env_name(action)}: {exc}") from None
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the serving flags; each default can be overridden by env var TOKENRELAY_<FLAG>."""
+    """Add the serving flags, then read each one's default from TOKENRELAY_<FLAG> when set."""
 
     def add(flag: str, kind: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
-        parser.add_argument(flag, type=kind, default=_env_default(flag, default, kind), help=help, **kw)
+        parser.add_argument(flag, type=kind, default=default, help=help, **kw)
 
     def add_bool(flag: str, default: bool, help: str) -> None:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                            default=_env_default(flag, default, bool), help=help)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
 
     add("--host", str, "0.0.0.0", "address to listen on")
     add("--port", int, 50051, "port to listen on; 0 picks an ephemeral port")
@@ -76,6 +109,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-itl-ms", float, 5.0, "synthetic engine: then one token every this many ms")
     add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
     add_jobs_arguments(parser)
+    apply_env_defaults(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -82,7 +82,7 @@ class EngineCall:
                 await self._engine.abort(self.request.request_id)
 
 
-class TextGenerationServicer(text_generation_pb2_grpc.TextGenerationServicer):
+class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServiceServicer):
     def __init__(self, engine: AsyncEngine, state: ServingState, admission: AdmissionController) -> None:
         self._engine = engine
         self._state = state

@@ -44,8 +44,8 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
-        self._generation = text_generation_pb2_grpc.TextGenerationStub(self._channel)
-        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+        self._generation = text_generation_pb2_grpc.TextGenerationServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsServiceStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()

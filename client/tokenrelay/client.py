@@ -58,8 +58,8 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        self._generation = text_generation_pb2_grpc.TextGenerationStub(self._channel)
-        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+        self._generation = text_generation_pb2_grpc.TextGenerationServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsServiceStub(self._channel)
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import socket
 from collections.abc import Callable
 
@@ -22,20 +21,19 @@ from tokenrelay.v1 import jobs_pb2_grpc
 from engines.base import AsyncEngine
 from server.jobs.manager import JobManager
 from server.jobs.model import JobsConfig
-from server.jobs.servicer import JobsServicer
+from server.jobs.servicer import JobsServiceServicer
 from server.jobs.store import JobStore, open_store
 from server.jobs.webhooks import (
     WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
 )
 
-STORE_ENV = "TOKENRELAY_JOBS_STORE"
 
 
 def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
     d = JobsConfig()
     group = parser.add_argument_group("jobs")
-    group.add_argument("--jobs-store", default=os.environ.get(STORE_ENV, d.store_url),
-                       help=f"sqlite:///abs/path.db, sqlite://relative.db or redis://host:port/db (env {STORE_ENV})")
+    group.add_argument("--jobs-store", default=d.store_url,
+                       help="sqlite:///abs/path.db, sqlite://relative.db or redis://host:port/db")
     group.add_argument("--jobs-max-running", type=int, default=d.max_running,
                        help="jobs in the engine at once on this replica")
     group.add_argument("--jobs-queue-ttl-seconds", type=float, default=d.queue_ttl,
@@ -50,7 +48,7 @@ def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how often an idle replica looks for jobs submitted elsewhere")
     group.add_argument("--jobs-stop-grace-seconds", type=float, default=d.stop_grace,
                        help="on shutdown, running jobs may finish this long before going back to the queue")
-    group.add_argument("--replica-id", default=os.environ.get("TOKENRELAY_REPLICA_ID", ""),
+    group.add_argument("--replica-id", default="",
                        help="stable name of this replica (default: the host name for SQLite, random for Redis)")
     add_webhook_arguments(parser)
 
@@ -79,12 +77,12 @@ class JobsComponent:
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
         self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
-        self.servicer = JobsServicer(config, self.manager, engine, check, draining)
+        self.servicer = JobsServiceServicer(config, self.manager, engine, check, draining)
         self._opened = False
         self._started = False
 
     def register(self, server: grpc.aio.Server) -> None:
-        jobs_pb2_grpc.add_JobsServicer_to_server(self.servicer, server)
+        jobs_pb2_grpc.add_JobsServiceServicer_to_server(self.servicer, server)
 
     async def open(self) -> None:
         """Open the store (the API can serve reads and submits before the engine is ready)."""

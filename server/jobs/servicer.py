@@ -38,7 +38,7 @@ def _job_id(value: str) -> str:
     return value
 
 
-class JobsServicer(jobs_pb2_grpc.JobsServicer):
+class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
                  check_webhook: Callable[[str], None] | None,
                  draining: Callable[[], bool] = lambda: False) -> None:

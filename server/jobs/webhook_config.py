@@ -6,14 +6,12 @@ import argparse
 import base64
 import binascii
 import math
-import os
 from dataclasses import dataclass, field
 
 from server.jobs.webhook_url import AllowList
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16
-SECRET_ENV = "TOKENRELAY_WEBHOOK_SECRET"
 
 
 def decode_secret(secret: str) -> bytes:
@@ -110,9 +108,9 @@ def _allow_entry(value: str) -> str:
 def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = WebhookConfig()
     group = parser.add_argument_group("webhooks")
-    group.add_argument("--webhook-secret", type=_secret_arg, default=os.environ.get(SECRET_ENV, ""),
+    group.add_argument("--webhook-secret", type=_secret_arg, default="",
                        metavar="whsec_...",
-                       help=f"Standard Webhooks signing secret (env {SECRET_ENV}); empty disables webhooks")
+                       help="Standard Webhooks signing secret; empty disables webhooks")
     group.add_argument("--webhook-allow-host", dest="webhook_allow_hosts", action="append", default=[],
                        type=_allow_entry, metavar="HOST|IP|CIDR",
                        help="let webhooks reach this private/loopback host, address or network (repeatable)")

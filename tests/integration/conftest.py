@@ -100,8 +100,8 @@ async def channel(synthetic_server: SyntheticServer) -> AsyncIterator[grpc.aio.C
 
 
 @pytest.fixture
-def text_generation_stub(channel: grpc.aio.Channel) -> text_generation_pb2_grpc.TextGenerationStub:
-    return text_generation_pb2_grpc.TextGenerationStub(channel)
+def text_generation_stub(channel: grpc.aio.Channel) -> text_generation_pb2_grpc.TextGenerationServiceStub:
+    return text_generation_pb2_grpc.TextGenerationServiceStub(channel)
 
 
 @pytest.fixture
@@ -110,8 +110,8 @@ def health_stub(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
 
 
 @pytest.fixture
-def jobs_stub(channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobsStub:
-    return jobs_pb2_grpc.JobsStub(channel)
+def jobs_stub(channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobsServiceStub:
+    return jobs_pb2_grpc.JobsServiceStub(channel)
 
 
 async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> None:

@@ -112,7 +112,7 @@ async def test_health(synthetic_server):
     target = synthetic_server.address
     (ok, ok_out, _), (ready, ready_out, _), (unknown, _, unknown_err), (down, _, down_err) = await asyncio.gather(
         run_cli("health", "--target", target),
-        run_cli("health", "--service", "tokenrelay.v1.TextGeneration", "--target", target),
+        run_cli("health", "--service", "tokenrelay.v1.TextGenerationService", "--target", target),
         run_cli("health", "--service", "no.such.Service", "--target", target),
         run_cli("health", "--target", f"127.0.0.1:{_closed_port()}", "--timeout", "2", "--retries", "0"),
     )

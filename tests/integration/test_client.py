@@ -172,7 +172,7 @@ async def test_unavailable_when_nothing_listens():
 
 # -- retries, counted on a tiny server -----------------------------------------------------
 
-class FlakyTextGeneration(text_generation_pb2_grpc.TextGenerationServicer):
+class FlakyTextGeneration(text_generation_pb2_grpc.TextGenerationServiceServicer):
     """Fails the first `failures` calls of each RPC with `code`; streams can fail mid-way."""
 
     def __init__(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
@@ -214,9 +214,9 @@ async def tiny_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     async def start(generation=None, jobs=None) -> str:
         server = grpc.aio.server()
         if generation is not None:
-            text_generation_pb2_grpc.add_TextGenerationServicer_to_server(generation, server)
+            text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(generation, server)
         if jobs is not None:
-            jobs_pb2_grpc.add_JobsServicer_to_server(jobs, server)
+            jobs_pb2_grpc.add_JobsServiceServicer_to_server(jobs, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
@@ -290,7 +290,7 @@ def _now() -> timestamp_pb2.Timestamp:
     return stamp
 
 
-class InMemoryJobs(jobs_pb2_grpc.JobsServicer):
+class InMemoryJobs(jobs_pb2_grpc.JobsServiceServicer):
     """A stand-in Jobs service: a job ends SUCCEEDED the first time it is watched."""
 
     def __init__(self) -> None:
@@ -356,7 +356,7 @@ class PollOnlyJobs(InMemoryJobs):
             job.state = jobs_pb2.JOB_STATE_SUCCEEDED
         return jobs_pb2.GetJobResponse(job=job)
 
-    WatchJob = jobs_pb2_grpc.JobsServicer.WatchJob
+    WatchJob = jobs_pb2_grpc.JobsServiceServicer.WatchJob
 
 
 async def test_job_calls(tiny_server):

@@ -120,7 +120,7 @@ async def test_stop_token_and_eos(synthetic_server_factory):
     async with grpc.aio.insecure_channel(srv.address) as ch:
         from tokenrelay.v1 import text_generation_pb2_grpc
 
-        stub = text_generation_pb2_grpc.TextGenerationStub(ch)
+        stub = text_generation_pb2_grpc.TextGenerationServiceStub(ch)
         p = params(max_tokens=200, seed=5)
         r = (await stub.Generate(tg.GenerateRequest(params=p), timeout=20)).result
         assert r.finish_reason == gen.FINISH_REASON_EOS and r.token_ids[-1] == EOS_ID

@@ -22,7 +22,7 @@ from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICES = ("tokenrelay.v1.TextGeneration", "tokenrelay.v1.Jobs")
+SERVICES = ("tokenrelay.v1.TextGenerationService", "tokenrelay.v1.JobsService")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -61,7 +61,7 @@ async def test_not_serving_until_warm_up_then_serving(synthetic_server_factory):
     srv = await synthetic_server_factory(engine=engine, wait_ready=False)
     async with grpc.aio.insecure_channel(srv.address) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        stub = text_generation_pb2_grpc.TextGenerationStub(ch)
+        stub = text_generation_pb2_grpc.TextGenerationServiceStub(ch)
         assert await statuses(health) == {"": SERVING, SERVICES[0]: NOT_SERVING, SERVICES[1]: NOT_SERVING}
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
@@ -93,7 +93,7 @@ async def test_unknown_service_is_not_found(health_stub):
 @pytest.mark.parametrize("synthetic_server", [{"itl_ms": 5.0}], indirect=True)
 async def test_draining_refuses_new_calls_and_lets_in_flight_finish(synthetic_server, channel, health_stub,
                                                                     wait_until):
-    stub = text_generation_pb2_grpc.TextGenerationStub(channel)
+    stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
     stream = stub.GenerateStream(tg.GenerateStreamRequest(params=params(60)), timeout=30)
     assert (await stream.read()).WhichOneof("event") == "started"
     drain = asyncio.create_task(synthetic_server.handle.drain(grace=20))
@@ -103,7 +103,7 @@ async def test_draining_refuses_new_calls_and_lets_in_flight_finish(synthetic_se
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
-    jobs = jobs_pb2_grpc.JobsStub(channel)
+    jobs = jobs_pb2_grpc.JobsServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(params=params(2)), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
@@ -117,7 +117,7 @@ async def test_draining_refuses_new_calls_and_lets_in_flight_finish(synthetic_se
 
 @pytest.mark.parametrize("synthetic_server", [{"health_check_interval_seconds": 0.05}], indirect=True)
 async def test_dead_engine_never_looks_healthy(synthetic_server, channel, health_stub, wait_until):
-    stub = text_generation_pb2_grpc.TextGenerationStub(channel)
+    stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
     stream = stub.GenerateStream(tg.GenerateStreamRequest(params=params(3000)), timeout=30)
     assert (await stream.read()).WhichOneof("event") == "started"
     synthetic_server.engine.kill("simulated crash")
@@ -148,7 +148,7 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero():
         address = await _read_listening_line(proc)
         assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
         async with grpc.aio.insecure_channel(address) as ch:
-            stub = text_generation_pb2_grpc.TextGenerationStub(ch)
+            stub = text_generation_pb2_grpc.TextGenerationServiceStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
             assert set((await statuses(health)).values()) == {SERVING}
             streams = [stub.GenerateStream(tg.GenerateStreamRequest(params=params(80, f"load {i}")), timeout=60)
@@ -195,7 +195,7 @@ def test_flags_and_env_defaults(monkeypatch):
 
 
 async def test_grace_period_over_cancels_in_flight_calls(synthetic_server, channel, wait_until):
-    stub = text_generation_pb2_grpc.TextGenerationStub(channel)
+    stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
     stream = stub.GenerateStream(tg.GenerateStreamRequest(params=params(3000)), timeout=30)
     assert (await stream.read()).WhichOneof("event") == "started"
     assert await synthetic_server.handle.drain(grace=0.05) is False  # still in flight when grace ends

@@ -23,16 +23,16 @@ async def _ask(channel: grpc.aio.Channel, request: reflection_pb2.ServerReflecti
 async def test_reflection_lists_services(channel):
     resp = await _ask(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in resp.list_services_response.service}
-    assert {"tokenrelay.v1.TextGeneration", "tokenrelay.v1.Jobs", "grpc.health.v1.Health",
+    assert {"tokenrelay.v1.TextGenerationService", "tokenrelay.v1.JobsService", "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
 async def test_reflection_serves_descriptors(channel):
     resp = await _ask(channel, reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="tokenrelay.v1.TextGeneration"))
+        file_containing_symbol="tokenrelay.v1.TextGenerationService"))
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
              for raw in resp.file_descriptor_response.file_descriptor_proto]
-    methods = {m.name for f in files for s in f.service if s.name == "TextGeneration" for m in s.method}
+    methods = {m.name for f in files for s in f.service if s.name == "TextGenerationService" for m in s.method}
     assert {"Generate", "GenerateStream", "Tokenize", "Detokenize", "GetModelInfo", "GetServerLoad"} <= methods
 
 

@@ -34,7 +34,7 @@ async def torch_stub(request: pytest.FixtureRequest):
     handle = await asyncio.wait_for(start_server(config), timeout=240)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
-            yield text_generation_pb2_grpc.TextGenerationStub(ch), handle
+            yield text_generation_pb2_grpc.TextGenerationServiceStub(ch), handle
     finally:
         await asyncio.wait_for(handle.stop(0), timeout=60)
 

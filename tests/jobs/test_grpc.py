@@ -28,7 +28,7 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123").decode()
 
 @dataclass(slots=True)
 class JobsServer:
-    stub: jobs_pb2_grpc.JobsStub
+    stub: jobs_pb2_grpc.JobsServiceStub
     component: JobsComponent
     engine: AsyncEngine
 
@@ -49,7 +49,7 @@ async def jobs_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[J
         await component.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         started.append((server, channel, component))
-        return JobsServer(jobs_pb2_grpc.JobsStub(channel), component, engine)
+        return JobsServer(jobs_pb2_grpc.JobsServiceStub(channel), component, engine)
 
     yield start
     for server, channel, component in started:
@@ -58,7 +58,7 @@ async def jobs_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[J
         await component.stop(0)
 
 
-async def wait_ended(stub: jobs_pb2_grpc.JobsStub, job_id: str, timeout: float = 20.0) -> jobs_pb2.Job:
+async def wait_ended(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, timeout: float = 20.0) -> jobs_pb2.Job:
     """Watch until the job ends (a bounded wait on the API's own event stream)."""
     async def run() -> jobs_pb2.Job:
         async for ev in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):

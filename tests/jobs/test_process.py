@@ -26,7 +26,7 @@ class ServerProcess:
     proc: asyncio.subprocess.Process
     address: str
     channel: grpc.aio.Channel
-    stub: jobs_pb2_grpc.JobsStub
+    stub: jobs_pb2_grpc.JobsServiceStub
 
     async def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -57,7 +57,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServerP
             raise
         address = line.rsplit(" ", 1)[1].strip()
         channel = grpc.aio.insecure_channel(address)
-        server = ServerProcess(proc, address, channel, jobs_pb2_grpc.JobsStub(channel))
+        server = ServerProcess(proc, address, channel, jobs_pb2_grpc.JobsServiceStub(channel))
         procs.append(server)
         return server
 
@@ -69,11 +69,11 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServerP
         await p.channel.close()
 
 
-async def get(stub: jobs_pb2_grpc.JobsStub, job_id: str) -> jobs_pb2.Job:
+async def get(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str) -> jobs_pb2.Job:
     return (await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
 
 
-async def wait_ended(stub: jobs_pb2_grpc.JobsStub, job_id: str, timeout: float = 60.0) -> jobs_pb2.Job:
+async def wait_ended(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, timeout: float = 60.0) -> jobs_pb2.Job:
     async def run() -> jobs_pb2.Job:
         async for ev in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
             if ev.HasField("ended"):
@@ -82,7 +82,7 @@ async def wait_ended(stub: jobs_pb2_grpc.JobsStub, job_id: str, timeout: float =
     return await asyncio.wait_for(run(), timeout)
 
 
-async def watch_until(stub: jobs_pb2_grpc.JobsStub, job_id: str, n: int) -> list[int]:
+async def watch_until(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, n: int) -> list[int]:
     """Watch from 0 and disconnect after `n` tokens."""
     ids: list[int] = []
     call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id))
@@ -96,7 +96,7 @@ async def watch_until(stub: jobs_pb2_grpc.JobsStub, job_id: str, n: int) -> list
     raise AssertionError("the job ended before the watch got its tokens")
 
 
-async def watch_from(stub: jobs_pb2_grpc.JobsStub, job_id: str, offset: int) -> list[int]:
+async def watch_from(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, offset: int) -> list[int]:
     ids: list[int] = []
     async for ev in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, from_token_offset=offset)):
         if ev.HasField("delta"):

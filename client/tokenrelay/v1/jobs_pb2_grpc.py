@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class JobsStub:
+class JobsServiceStub:
     """Durable asynchronous generation: hand a request over, get an id at once, collect the result
     later. Jobs survive server restarts and run on the capacity interactive traffic leaves.
     """
@@ -37,38 +37,38 @@ class JobsStub:
             channel: A grpc.Channel.
         """
         self.SubmitJob = channel.unary_unary(
-                '/tokenrelay.v1.Jobs/SubmitJob',
+                '/tokenrelay.v1.JobsService/SubmitJob',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
-                '/tokenrelay.v1.Jobs/GetJob',
+                '/tokenrelay.v1.JobsService/GetJob',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
-                '/tokenrelay.v1.Jobs/WatchJob',
+                '/tokenrelay.v1.JobsService/WatchJob',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
-                '/tokenrelay.v1.Jobs/CancelJob',
+                '/tokenrelay.v1.JobsService/CancelJob',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
-                '/tokenrelay.v1.Jobs/ListJobs',
+                '/tokenrelay.v1.JobsService/ListJobs',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.DeleteJob = channel.unary_unary(
-                '/tokenrelay.v1.Jobs/DeleteJob',
+                '/tokenrelay.v1.JobsService/DeleteJob',
                 request_serializer=tokenrelay_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
                 _registered_method=True)
 
 
-class JobsServicer:
+class JobsServiceServicer:
     """Durable asynchronous generation: hand a request over, get an id at once, collect the result
     later. Jobs survive server restarts and run on the capacity interactive traffic leaves.
     """
@@ -113,7 +113,7 @@ class JobsServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_JobsServicer_to_server(servicer, server):
+def add_JobsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
@@ -147,13 +147,13 @@ def add_JobsServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tokenrelay.v1.Jobs', rpc_method_handlers)
+            'tokenrelay.v1.JobsService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tokenrelay.v1.Jobs', rpc_method_handlers)
+    server.add_registered_method_handlers('tokenrelay.v1.JobsService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Jobs:
+class JobsService:
     """Durable asynchronous generation: hand a request over, get an id at once, collect the result
     later. Jobs survive server restarts and run on the capacity interactive traffic leaves.
     """
@@ -172,7 +172,7 @@ class Jobs:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.Jobs/SubmitJob',
+            '/tokenrelay.v1.JobsService/SubmitJob',
             tokenrelay_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.SubmitJobResponse.FromString,
             options,
@@ -199,7 +199,7 @@ class Jobs:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.Jobs/GetJob',
+            '/tokenrelay.v1.JobsService/GetJob',
             tokenrelay_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.GetJobResponse.FromString,
             options,
@@ -226,7 +226,7 @@ class Jobs:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tokenrelay.v1.Jobs/WatchJob',
+            '/tokenrelay.v1.JobsService/WatchJob',
             tokenrelay_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
             options,
@@ -253,7 +253,7 @@ class Jobs:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.Jobs/CancelJob',
+            '/tokenrelay.v1.JobsService/CancelJob',
             tokenrelay_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
             options,
@@ -280,7 +280,7 @@ class Jobs:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.Jobs/ListJobs',
+            '/tokenrelay.v1.JobsService/ListJobs',
             tokenrelay_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
             options,
@@ -307,7 +307,7 @@ class Jobs:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.Jobs/DeleteJob',
+            '/tokenrelay.v1.JobsService/DeleteJob',
             tokenrelay_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
             tokenrelay_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
             options,

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class TextGenerationStub:
+class TextGenerationServiceStub:
     """Interactive text generation: answers now, or token by token as they are produced.
     """
 
@@ -36,38 +36,38 @@ class TextGenerationStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_unary(
-                '/tokenrelay.v1.TextGeneration/Generate',
+                '/tokenrelay.v1.TextGenerationService/Generate',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
-                '/tokenrelay.v1.TextGeneration/GenerateStream',
+                '/tokenrelay.v1.TextGenerationService/GenerateStream',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
-                '/tokenrelay.v1.TextGeneration/Tokenize',
+                '/tokenrelay.v1.TextGenerationService/Tokenize',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
-                '/tokenrelay.v1.TextGeneration/Detokenize',
+                '/tokenrelay.v1.TextGenerationService/Detokenize',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/tokenrelay.v1.TextGeneration/GetModelInfo',
+                '/tokenrelay.v1.TextGenerationService/GetModelInfo',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.GetServerLoad = channel.unary_unary(
-                '/tokenrelay.v1.TextGeneration/GetServerLoad',
+                '/tokenrelay.v1.TextGenerationService/GetServerLoad',
                 request_serializer=tokenrelay_dot_v1_dot_text__generation__pb2.GetServerLoadRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_text__generation__pb2.GetServerLoadResponse.FromString,
                 _registered_method=True)
 
 
-class TextGenerationServicer:
+class TextGenerationServiceServicer:
     """Interactive text generation: answers now, or token by token as they are produced.
     """
 
@@ -111,7 +111,7 @@ class TextGenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_TextGenerationServicer_to_server(servicer, server):
+def add_TextGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -145,13 +145,13 @@ def add_TextGenerationServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tokenrelay.v1.TextGeneration', rpc_method_handlers)
+            'tokenrelay.v1.TextGenerationService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tokenrelay.v1.TextGeneration', rpc_method_handlers)
+    server.add_registered_method_handlers('tokenrelay.v1.TextGenerationService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class TextGeneration:
+class TextGenerationService:
     """Interactive text generation: answers now, or token by token as they are produced.
     """
 
@@ -169,7 +169,7 @@ class TextGeneration:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/Generate',
+            '/tokenrelay.v1.TextGenerationService/Generate',
             tokenrelay_dot_v1_dot_text__generation__pb2.GenerateRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.GenerateResponse.FromString,
             options,
@@ -196,7 +196,7 @@ class TextGeneration:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/GenerateStream',
+            '/tokenrelay.v1.TextGenerationService/GenerateStream',
             tokenrelay_dot_v1_dot_text__generation__pb2.GenerateStreamRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.GenerateStreamResponse.FromString,
             options,
@@ -223,7 +223,7 @@ class TextGeneration:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/Tokenize',
+            '/tokenrelay.v1.TextGenerationService/Tokenize',
             tokenrelay_dot_v1_dot_text__generation__pb2.TokenizeRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.TokenizeResponse.FromString,
             options,
@@ -250,7 +250,7 @@ class TextGeneration:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/Detokenize',
+            '/tokenrelay.v1.TextGenerationService/Detokenize',
             tokenrelay_dot_v1_dot_text__generation__pb2.DetokenizeRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.DetokenizeResponse.FromString,
             options,
@@ -277,7 +277,7 @@ class TextGeneration:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/GetModelInfo',
+            '/tokenrelay.v1.TextGenerationService/GetModelInfo',
             tokenrelay_dot_v1_dot_text__generation__pb2.GetModelInfoRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.GetModelInfoResponse.FromString,
             options,
@@ -304,7 +304,7 @@ class TextGeneration:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenrelay.v1.TextGeneration/GetServerLoad',
+            '/tokenrelay.v1.TextGenerationService/GetServerLoad',
             tokenrelay_dot_v1_dot_text__generation__pb2.GetServerLoadRequest.SerializeToString,
             tokenrelay_dot_v1_dot_text__generation__pb2.GetServerLoadResponse.FromString,
             options,
