@@ -4,7 +4,7 @@
 # goes in a new package (tokenrelay.v2) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASELINE=${TOKENRELAY_API_BASELINE:-API_BASELINE_COMMIT}
+BASELINE=${TOKENRELAY_API_BASELINE:-c367b7e107157ca3088c090a1d45e58ec179bb01}
 (cd protos && buf lint)
 if git cat-file -e "$BASELINE^{commit}" 2>/dev/null; then
   buf breaking protos --against ".git#ref=$BASELINE,subdir=protos"
