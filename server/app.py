@@ -61,7 +61,7 @@ def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingSta
     # without it the base servicer answers UNIMPLEMENTED.
     if config.jobs is None:
         return None
-    return JobsComponent(config.jobs, engine, draining=lambda: state.draining)
+    return JobsComponent(config.jobs, engine, draining=lambda: state.draining, limits=config.limits)
 
 
 @dataclass(slots=True, eq=False)
@@ -89,13 +89,20 @@ class ServerHandle:
         await asyncio.wait_for(asyncio.shield(self.startup), timeout)
 
     async def drain(self, grace: float | None = None) -> bool:
-        """Readiness NOT_SERVING and refuse new calls; wait (bounded) for in-flight calls.
+        """Readiness NOT_SERVING at once, then GOAWAY: clients take new calls elsewhere while the
+        calls in flight finish, within `grace`; calls still running then are cancelled.
 
-        Returns True when every in-flight interactive call finished within the grace period.
+        Returns True when every call finished within the grace period.
         """
         grace = self.config.drain_grace_seconds if grace is None else grace
         await self.health.set_draining()
-        return await self.admission.wait_idle(grace)
+        return await self._stop_server(grace)
+
+    async def _stop_server(self, grace: float) -> bool:
+        """grpc core stops listening and sends GOAWAY; it returns once no call is left."""
+        started = time.monotonic()
+        await self.server.stop(grace)
+        return time.monotonic() - started < grace or self.admission.in_flight == 0
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop serving (cancelling calls still running after `grace`) and shut the engine down."""
@@ -103,7 +110,7 @@ class ServerHandle:
             return
         self._stopped = True
         await self.health.set_draining()
-        await self.server.stop(grace)
+        await self._stop_server(grace)
         if self.jobs is not None:
             await self.jobs.stop()  # stop claiming; running jobs finish or go back to the queue
         for task in (self.startup, *self._tasks):
@@ -151,13 +158,9 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
     state = ServingState()
     await state.initialize()
     admission = AdmissionController(config.admission)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(options=config.grpc.channel_options())
     text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(
-        TextGenerationServiceServicer(engine, state, admission), server)
+        TextGenerationServiceServicer(engine, state, admission, config.limits), server)
     jobs = _jobs_component(engine, config, state)
     if jobs is None:
         jobs_pb2_grpc.add_JobsServiceServicer_to_server(jobs_pb2_grpc.JobsServiceServicer(), server)

@@ -88,7 +88,7 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import main as server_main
 
-    return server_main.run(server_main.config_from_args(args))
+    server_main.exit_now(server_main.run(server_main.config_from_args(args)))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from engines.config import TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.jobs.model import JobsConfig
+from server.limits import InputLimits
 
 ENGINES = ("torch", "synthetic")
 
@@ -25,6 +26,53 @@ class AdmissionConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class GrpcServerOptions:
+    """Transport limits of the serving port (grpc core channel arguments)."""
+
+    keepalive_time_s: float = 60.0  # ping an idle connection this often ...
+    keepalive_timeout_s: float = 20.0  # ... and close it when the ping is not answered in time
+    max_connection_idle_s: float = 300.0  # close connections without calls this long (0: never)
+    max_connection_age_s: float = 0.0  # close connections this old, to rebalance (0: never)
+    max_connection_age_grace_s: float = 300.0  # calls on an aged connection may finish this long
+    max_concurrent_streams: int = 1000  # calls at once on one connection
+    max_receive_message_bytes: int = 4 << 20
+    max_send_message_bytes: int = 64 << 20
+    max_metadata_bytes: int = 16 << 10  # all request headers together
+    min_client_ping_interval_s: float = 10.0  # clients may send keepalive pings this often
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0 or self.max_concurrent_streams < 1:
+            raise ValueError("keepalive time and timeout must be > 0 and max_concurrent_streams >= 1")
+        if min(self.max_receive_message_bytes, self.max_send_message_bytes, self.max_metadata_bytes) < 1024:
+            raise ValueError("message and metadata limits must be >= 1024 bytes")
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        options = [
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_s)),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
+            ("grpc.max_send_message_length", self.max_send_message_bytes),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if self.max_connection_idle_s:
+            options.append(("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s)))
+        if self.max_connection_age_s:
+            options.append(("grpc.max_connection_age_ms", ms(self.max_connection_age_s)))
+            options.append(("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s)))
+        return options
+
+
+@dataclass(slots=True, frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0: an ephemeral port
@@ -35,7 +83,10 @@ class ServerConfig:
     drain_grace_seconds: float = 30.0  # in-flight calls may finish this long after SIGTERM
     health_check_interval_seconds: float = 2.0  # engine watchdog period
     warmup: bool = True  # run one generation before reporting SERVING
-    max_message_bytes: int = 16 << 20
+    exit_on_engine_death: bool = True  # exit non-zero once the engine died, for a restart
+    engine_death_grace_seconds: float = 5.0  # calls failing after engine death may end this long
+    grpc: GrpcServerOptions = field(default_factory=GrpcServerOptions)
+    limits: InputLimits = field(default_factory=InputLimits)
     log_level: str = "INFO"
     jobs: JobsConfig | None = None  # durable jobs; None: the Jobs API answers UNIMPLEMENTED
 
@@ -50,5 +101,5 @@ class ServerConfig:
             raise ValueError("health_check_interval_seconds must be > 0")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"unknown log level {self.log_level!r}")
-        if self.max_message_bytes < 1024:
-            raise ValueError("max_message_bytes must be >= 1024")
+        if self.engine_death_grace_seconds < 0:
+            raise ValueError("engine_death_grace_seconds must be >= 0")

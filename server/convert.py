@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import uuid
 from collections.abc import Callable
 
 from google.protobuf import duration_pb2
@@ -20,8 +21,10 @@ from engines.base import (
     SamplingParams, StoppingCriteria, TokenLogprob, Usage,
 )
 from server.errors import InvalidRequests
+from server.limits import InputLimits
 
-MAX_REQUEST_ID_LENGTH = 128
+MAX_SEED = (1 << 53) - 1  # server-chosen seeds stay exact in a JavaScript number (an IEEE double)
+MAX_ID_VIOLATIONS = 8  # per list of token ids: enough to show the pattern, bounded
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_MAX_TOKENS = 16
 
@@ -61,35 +64,50 @@ def _sampling(p: generation_pb2.GenerationParams, info: ModelInfo, bad: list[tup
         "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty") if s.HasField(name)}
     # The server picks the seed when unset, so it can report it before the first token.
-    kwargs["seed"] = s.seed if s.HasField("seed") else secrets.randbits(63)
+    kwargs["seed"] = s.seed if s.HasField("seed") else new_seed()
     if p.HasField("logprobs"):
         kwargs["logprobs"] = p.logprobs
     return kwargs
 
 
+def new_seed() -> int:
+    """A server-chosen sampling seed, in [0, 2^53)."""
+    return secrets.randbits(53)
+
+
+def check_token_ids(bad: list[tuple[str, str]], field: str, ids, vocab_size: int) -> None:
+    """Each id must be in [0, vocab_size); at most MAX_ID_VIOLATIONS of them are named."""
+    named = 0
+    for i, tid in enumerate(ids):
+        if not 0 <= tid < vocab_size:
+            if named == MAX_ID_VIOLATIONS:
+                bad.append((field, "more token ids are out of range"))
+                return
+            bad.append((f"{field}[{i}]", f"token id {tid} outside [0, {vocab_size})"))
+            named += 1
+
+
 def _prompt(p: generation_pb2.GenerationParams, info: ModelInfo, tokenize: Callable[[str], list[int]],
-            bad: list[tuple[str, str]]) -> list[int]:
+            limits: InputLimits, bad: list[tuple[str, str]]) -> list[int]:
     kind = p.WhichOneof("prompt")
     if kind is None:
         bad.append(("params.prompt", "a prompt is required: set text or token_ids"))
         return []
     if kind == "text":
-        ids = tokenize(p.text) if p.text else []
         if not p.text:
             bad.append(("params.prompt", "the prompt text must not be empty"))
-        return ids
-    ids = list(p.token_ids.ids)
+            return []
+        return tokenize(p.text) if limits.check_text(bad, "params.text", p.text) else []
+    ids = p.token_ids.ids
     if not ids:
         bad.append(("params.prompt", "token_ids must not be empty"))
-    for i, tid in enumerate(ids):
-        if not 0 <= tid < info.vocab_size:
-            bad.append((f"params.token_ids.ids[{i}]", f"token id {tid} outside [0, {info.vocab_size})"))
-            if len(bad) >= 32:
-                break
-    return ids
+    if not limits.check_token_ids(bad, "params.token_ids.ids", len(ids)):
+        return []
+    check_token_ids(bad, "params.token_ids.ids", ids, info.vocab_size)
+    return list(ids)
 
 
-def _stopping(p: generation_pb2.GenerationParams, info: ModelInfo, num_prompt: int,
+def _stopping(p: generation_pb2.GenerationParams, info: ModelInfo, num_prompt: int, limits: InputLimits,
               bad: list[tuple[str, str]]) -> dict:
     st = p.stopping
     room = info.context_length - num_prompt
@@ -110,31 +128,54 @@ def _stopping(p: generation_pb2.GenerationParams, info: ModelInfo, num_prompt: i
         bad.append(("params.stopping.min_tokens", f"must be in [0, max_tokens={max_tokens}], got {min_tokens}"))
     if len(st.stop) > info.max_stop_strings:
         bad.append(("params.stopping.stop", f"at most {info.max_stop_strings} stop strings, got {len(st.stop)}"))
-    for i, s in enumerate(st.stop):
-        if not s:
-            bad.append((f"params.stopping.stop[{i}]", "stop strings must not be empty"))
-    for i, tid in enumerate(st.stop_token_ids):
-        if not 0 <= tid < info.vocab_size:
-            bad.append((f"params.stopping.stop_token_ids[{i}]", f"token id {tid} outside [0, {info.vocab_size})"))
+    if limits.check_stop(bad, "params.stopping", st.stop, st.stop_token_ids):
+        for i, s in enumerate(st.stop):
+            if not s:
+                bad.append((f"params.stopping.stop[{i}]", "stop strings must not be empty"))
+        check_token_ids(bad, "params.stopping.stop_token_ids", st.stop_token_ids, info.vocab_size)
     return dict(max_tokens=max_tokens, min_tokens=min_tokens, stop=tuple(st.stop),
                 stop_token_ids=tuple(st.stop_token_ids), ignore_eos=st.ignore_eos,
                 include_stop_in_output=st.include_stop_in_output)
 
 
+REQUEST_ID_METADATA = "x-request-id"
+
+
+def request_id_from(params: generation_pb2.GenerationParams, metadata, limits: InputLimits) -> str:
+    """The call's request id: params.request_id, else `x-request-id` metadata, else a new one.
+
+    Validated (length, visible ASCII) before anything echoes it; raises InvalidRequests.
+    """
+    field, value = "params.request_id", params.request_id
+    if not value:
+        field = f"metadata[{REQUEST_ID_METADATA}]"
+        value = next((v for k, v in metadata or () if k == REQUEST_ID_METADATA and v), "")
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if not value:
+            return uuid.uuid4().hex
+    bad: list[tuple[str, str]] = []
+    if not limits.check_request_id(bad, field, value):
+        raise InvalidRequests(bad)
+    return value
+
+
 def request_from_params(params: generation_pb2.GenerationParams, *, request_id: str, info: ModelInfo,
                         tokenize: Callable[[str], list[int]], arrival_time: float,
-                        deadline: float | None) -> Request:
-    """Validate `params` and build the engine Request; raises InvalidRequests naming every bad field."""
+                        deadline: float | None, limits: InputLimits) -> Request:
+    """Validate `params` and build the engine Request; raises InvalidRequests naming every bad field.
+
+    Byte and length limits are checked before `tokenize` is called: text over the limit is
+    never tokenized.
+    """
     bad: list[tuple[str, str]] = []
-    if not request_id:
-        bad.append(("params.request_id", "must not be empty"))
-    elif len(request_id) > MAX_REQUEST_ID_LENGTH:
-        bad.append(("params.request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request_id)}"))
+    if params.request_id:
+        limits.check_request_id(bad, "params.request_id", params.request_id)
     if not PRIORITY_RANGE[0] <= params.priority <= PRIORITY_RANGE[1]:
         bad.append(("params.priority", f"must be in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}], got {params.priority}"))
     sampling = _sampling(params, info, bad)
-    prompt_ids = _prompt(params, info, tokenize, bad)
-    stopping = _stopping(params, info, len(prompt_ids), bad)
+    prompt_ids = _prompt(params, info, tokenize, limits, bad)
+    stopping = _stopping(params, info, len(prompt_ids), limits, bad)
     if bad:
         raise InvalidRequests(bad)
     try:

@@ -20,6 +20,24 @@ from engines.base import EngineDeadError, InvalidRequest
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "tokenrelay.dev"
+# Error trailers stay a few KiB whatever the input: violations capped, texts truncated.
+MAX_VIOLATIONS = 10
+MAX_FIELD_CHARS = 96
+MAX_DESCRIPTION_CHARS = 160
+MAX_MESSAGE_CHARS = 512
+MAX_METADATA_VALUE_CHARS = 96
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def bounded_violations(violations: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """At most MAX_VIOLATIONS, each clipped; a last entry counts the rest."""
+    out = [(_clip(f, MAX_FIELD_CHARS), _clip(d, MAX_DESCRIPTION_CHARS)) for f, d in violations[:MAX_VIOLATIONS]]
+    if len(violations) > MAX_VIOLATIONS:
+        out.append(("...", f"{len(violations) - MAX_VIOLATIONS} more violations not listed"))
+    return out
 
 
 class ServerError(Exception):
@@ -100,20 +118,23 @@ def _pack(status: status_pb2.Status, detail) -> None:
 
 
 def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
-    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={
+        k: _clip(v, MAX_METADATA_VALUE_CHARS) for k, v in metadata.items()})
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status for `exc` (never OK)."""
     if isinstance(exc, InvalidRequest):
-        violations = exc.violations if isinstance(exc, InvalidRequests) else [(exc.field, exc.description)]
-        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
-                                   message="; ".join(f"{f}: {d}" for f, d in violations))
+        violations = bounded_violations(
+            exc.violations if isinstance(exc, InvalidRequests) else [(exc.field, exc.description)])
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=_clip(
+            "; ".join(f"{f}: {d}" for f, d in violations), MAX_MESSAGE_CHARS))
         _pack(status, error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]))
         return status
     if isinstance(exc, EngineDeadError):
-        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"engine unavailable: {exc}")
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=_clip(f"engine unavailable: {exc}",
+                                                                           MAX_MESSAGE_CHARS))
         _pack(status, _error_info("ENGINE_DEAD"))
         return status
     if not isinstance(exc, ServerError):
@@ -122,7 +143,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     code = exc.code.value[0]
     if code == code_pb2.OK:  # pragma: no cover - guarded: never report an error as OK
         code = code_pb2.INTERNAL
-    status = status_pb2.Status(code=code, message=exc.message)
+    status = status_pb2.Status(code=code, message=_clip(exc.message, MAX_MESSAGE_CHARS))
     if isinstance(exc, AdmissionRejected):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(max(0, round(exc.retry_after_s * 1000)))

@@ -41,6 +41,7 @@ class ServingState:
         self.servicer = HealthServicer()
         self.phase = Phase.STARTING
         self.dead_reason: str | None = None
+        self.dead = asyncio.Event()  # set once the engine died: the process should exit
 
     async def _publish(self) -> None:
         live = _NOT_SERVING if self.phase is Phase.DEAD else _SERVING
@@ -66,6 +67,7 @@ class ServingState:
         if self.phase is not Phase.DEAD:
             log.error("engine is dead: %s", reason)
             self.phase, self.dead_reason = Phase.DEAD, reason
+            self.dead.set()
             await self._publish()
 
     @property

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
+from engines.base import AsyncEngine
 from engines.config import SchedulerConfig, TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.app import ServerHandle, start_server
-from server.config import ENGINES, AdmissionConfig, ServerConfig
+from server.config import ENGINES, AdmissionConfig, GrpcServerOptions, ServerConfig
 from server.jobs.component import add_jobs_arguments, jobs_config_from_args
+from server.limits import InputLimits
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -91,6 +94,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--retry-after-ms", int, 200, "RetryInfo delay suggested when admission is full")
     add("--drain-grace-seconds", float, 30.0, "after SIGTERM, in-flight calls may finish this long")
     add("--health-check-interval-seconds", float, 2.0, "engine watchdog period")
+    add_bool("--exit-on-engine-death", True, "exit non-zero once the engine died, so the orchestrator "
+             "restarts the process (--no-exit-on-engine-death keeps it up, NOT_SERVING, for debugging)")
+    add("--engine-death-grace-seconds", float, 5.0, "after engine death, failing calls may end this long")
+    _add_dataclass_flags(parser, "gRPC transport", GrpcServerOptions(), _GRPC_HELP)
+    _add_dataclass_flags(parser, "input limits", InputLimits(), _LIMITS_HELP)
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
     add("--model", str, "", "Hugging Face model directory; empty serves the embedded demo model")
@@ -110,6 +118,47 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
     add_jobs_arguments(parser)
     apply_env_defaults(parser)
+
+
+_GRPC_HELP = {
+    "keepalive_time_s": "ping an idle client connection this often (seconds)",
+    "keepalive_timeout_s": "close a connection whose ping is not answered within this (seconds)",
+    "max_connection_idle_s": "close a connection without calls after this long (seconds; 0: never)",
+    "max_connection_age_s": "close connections this old so clients rebalance (seconds; 0: never)",
+    "max_connection_age_grace_s": "calls on an aged connection may finish this long (seconds)",
+    "max_concurrent_streams": "calls at once on one connection",
+    "max_receive_message_bytes": "largest request message",
+    "max_send_message_bytes": "largest response message",
+    "max_metadata_bytes": "largest total of a request's headers",
+    "min_client_ping_interval_s": "clients may send keepalive pings this often (seconds)",
+}
+_LIMITS_HELP = {
+    "max_prompt_bytes": "prompt text (and Tokenize text) in UTF-8 bytes; checked before tokenizing",
+    "max_token_ids": "token ids in one prompt or Detokenize call",
+    "max_stop_strings": "stop strings per request",
+    "max_stop_string_bytes": "bytes of each stop string",
+    "max_stop_token_ids": "stop token ids per request",
+    "max_request_id_length": "characters of a request id (visible ASCII only)",
+    "max_job_id_length": "characters of a job id",
+    "max_idempotency_key_bytes": "bytes of a job's idempotency key",
+    "max_webhook_url_bytes": "bytes of a job's webhook URL",
+}
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.removesuffix("_s").replace("_", "-") + ("-seconds" if field_name.endswith("_s") else "")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, title: str, defaults: Any, helps: dict[str, str]) -> None:
+    """One flag per field of a flat config dataclass, named after the field, typed by its default."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        group.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value, help=helps[f.name])
+
+
+def _dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -132,10 +181,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
                         synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
+                        exit_on_engine_death=args.exit_on_engine_death,
+                        engine_death_grace_seconds=args.engine_death_grace_seconds,
+                        grpc=_dataclass_from_args(GrpcServerOptions, args),
+                        limits=_dataclass_from_args(InputLimits, args),
                         log_level=args.log_level.upper(), jobs=jobs_config_from_args(args))
 
 
-async def _serve(config: ServerConfig) -> int:
+EXIT_STARTUP_FAILED = 1
+EXIT_ENGINE_DEAD = 3
+
+
+async def serve(config: ServerConfig, engine: AsyncEngine | None = None, *,
+                on_ready: Callable[[ServerHandle], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (then drain; 0) or engine death (then exit code 3).
+
+    `on_ready(handle)` is called once the server is listening and warmed up (for embedding).
+    """
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -150,22 +212,50 @@ async def _serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        handle: ServerHandle = await start_server(config, wait_ready=False)
+        return await _serve_until_stopped(config, engine, stop, force, on_ready)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_until_stopped(config: ServerConfig, engine: AsyncEngine | None, stop: asyncio.Event,
+                               force: asyncio.Event, on_ready: Callable[[ServerHandle], None] | None) -> int:
+    try:
+        handle: ServerHandle = await start_server(config, engine, wait_ready=False)
     except (OSError, RuntimeError, ImportError) as exc:
         log.error("could not start the server on %s:%d: %s", config.host, config.port, exc)
-        return 1
+        return EXIT_STARTUP_FAILED
+    try:
+        return await _until_stopped(config, handle, stop, force, on_ready)
+    finally:
+        await handle.stop(0)  # idempotent; also when cancelled
+
+
+async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: asyncio.Event, force: asyncio.Event,
+                         on_ready: Callable[[ServerHandle], None] | None) -> int:
     startup = handle.startup
     assert startup is not None
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({startup, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if startup.done() and not startup.cancelled() and startup.exception() is not None:
         log.error("start-up failed: %s", startup.exception())
-        waiter.cancel()
-        await handle.stop(0)
-        return 1
-    if not stop.is_set():
-        print(f"tokenrelay listening on {config.host}:{handle.port}", flush=True)
-        await waiter
+        stopped.cancel()
+        return EXIT_STARTUP_FAILED
+    died = asyncio.create_task(handle.health.dead.wait())
+    try:
+        if not stop.is_set():
+            print(f"tokenrelay listening on {config.host}:{handle.port}", flush=True)
+            if on_ready is not None:
+                on_ready(handle)
+            waiting = {stopped, died} if config.exit_on_engine_death else {stopped}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        died.cancel()
+    if handle.health.dead.is_set() and not stop.is_set():
+        log.error("engine died (%s): stopping so the process can be restarted", handle.health.dead_reason)
+        await handle.stop(grace=config.engine_death_grace_seconds)
+        return EXIT_ENGINE_DEAD
     grace = config.drain_grace_seconds
     drain = asyncio.create_task(handle.drain(grace))
     forced = asyncio.create_task(force.wait())
@@ -174,8 +264,8 @@ async def _serve(config: ServerConfig) -> int:
     drained = drain.done() and drain.result()
     drain.cancel()
     if not drained:
-        log.warning("grace period (%.1fs) over: cancelling in-flight calls", grace)
-    await handle.stop(grace=0.5 if drained else 0.0)
+        log.warning("grace period (%.1fs) over: in-flight calls cancelled", grace)
+    await handle.stop(grace=0.0)
     log.info("stopped")
     return 0
 
@@ -185,7 +275,16 @@ def run(config: ServerConfig) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(config))
+    return asyncio.run(serve(config))
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave at once once serving is over: everything was closed, flushed and stopped, and the
+    interpreter's teardown of torch and grpc would add seconds to every rolling restart."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,4 +299,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -1,7 +1,7 @@
 """The TextGeneration servicer: thin glue between gRPC calls and the engine.
 
-Each call: resolve the request id (params, else `x-request-id` metadata, else generated) and
-echo it in initial metadata; refuse when not serving; convert and validate (server.convert);
+Each call: resolve and validate the request id (params, else `x-request-id` metadata, else
+generated), then echo it in initial metadata; refuse when not serving; convert and validate (server.convert);
 take an admission ticket; iterate the engine's deltas. Whatever way the call ends (done,
 client cancel, deadline, error), the `finally` closes the engine iterator and aborts the
 request, so its KV blocks are freed within one engine step. Errors go out via server.errors.
@@ -10,6 +10,7 @@ request, so its KV blocks are freed within one engine step. Errors go out via se
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,18 +25,10 @@ from server.errors import (
     Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort, abort_on_error,
 )
 from server.health import ServingState
+from server.limits import InputLimits
 
-REQUEST_ID_METADATA = "x-request-id"
-INLINE_TOKENIZE_CHARS = 16384  # longer prompt texts are tokenized off the event loop
-
-
-def resolve_request_id(params: generation_pb2.GenerationParams, context: grpc.aio.ServicerContext) -> str:
-    if params.request_id:
-        return params.request_id
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_METADATA and value:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return uuid.uuid4().hex
+INLINE_TOKENIZE_CHARS = 4096  # longer texts are tokenized / detokenized off the event loop
+INLINE_DETOKENIZE_IDS = 1024
 
 
 def engine_request_id(request_id: str) -> str:
@@ -83,22 +76,31 @@ class EngineCall:
 
 
 class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: AsyncEngine, state: ServingState, admission: AdmissionController) -> None:
+    def __init__(self, engine: AsyncEngine, state: ServingState, admission: AdmissionController,
+                 limits: InputLimits) -> None:
         self._engine = engine
         self._state = state
         self._admission = admission
+        self._limits = limits
+
+    async def _start(self, params: generation_pb2.GenerationParams, context: grpc.aio.ServicerContext) -> str:
+        """Resolve and validate the request id, then echo it: nothing unchecked reaches a header."""
+        rid = convert.request_id_from(params, context.invocation_metadata(), self._limits)
+        await context.send_initial_metadata(((convert.REQUEST_ID_METADATA, rid),))
+        return rid
 
     async def _build(self, params: generation_pb2.GenerationParams, request_id: str,
                      context: grpc.aio.ServicerContext) -> Request:
         self._state.check_accepting()
         arrival = time.monotonic()
         tokenize = self._engine.tokenize
-        if params.WhichOneof("prompt") == "text" and len(params.text) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(tokenize, params.text)  # keep the event loop responsive
+        text = params.text if params.WhichOneof("prompt") == "text" else ""
+        if len(text) > INLINE_TOKENIZE_CHARS and self._limits.check_text([], "", text):
+            ids = await asyncio.to_thread(tokenize, text)  # keep the event loop responsive
             tokenize = lambda _text: ids  # noqa: E731
         req = convert.request_from_params(
             params, request_id=request_id, info=self._engine.info(), tokenize=tokenize,
-            arrival_time=arrival, deadline=call_deadline(context))
+            arrival_time=arrival, deadline=call_deadline(context), limits=self._limits)
         req.request_id = engine_request_id(request_id)
         return req
 
@@ -131,9 +133,8 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
 
     async def Generate(self, request: text_generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> text_generation_pb2.GenerateResponse:
-        rid = resolve_request_id(request.params, context)
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, rid),))
         async with self._status_on_error(context):
+            rid = await self._start(request.params, context)
             req = await self._build(request.params, rid, context)
             with self._admission.try_acquire(len(req.prompt_token_ids)):
                 call = EngineCall(self._engine, req)
@@ -152,10 +153,9 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
     async def GenerateStream(self, request: text_generation_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[text_generation_pb2.GenerateStreamResponse]:
-        rid = resolve_request_id(request.params, context)
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, rid),))
         error: Exception | None = None
         try:
+            rid = await self._start(request.params, context)
             req = await self._build(request.params, rid, context)
             with self._admission.try_acquire(len(req.prompt_token_ids)):
                 call = EngineCall(self._engine, req)
@@ -165,11 +165,12 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
                         delta = convert.stream_delta(out)
                         if delta is not None:
                             yield delta
-                        if out.finished:
-                            yield convert.stream_finished(out)
                 finally:
                     await call.close()
+            # Exactly one end: a `finished` event for a normal end, else the error status alone.
             error = await self._ending_error(call.final)
+            if error is None:
+                yield convert.stream_finished(call.final)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a proper status
             error = exc
         if error is not None:
@@ -179,19 +180,27 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
                        context: grpc.aio.ServicerContext) -> text_generation_pb2.TokenizeResponse:
         async with self._status_on_error(context):
             self._state.check_accepting()
-            ids = self._engine.tokenize(request.text, add_special_tokens=request.add_special_tokens)
+            bad: list[tuple[str, str]] = []
+            if not self._limits.check_text(bad, "text", request.text):
+                raise InvalidRequests(bad)
+            tokenize = functools.partial(self._engine.tokenize, request.text,
+                                         add_special_tokens=request.add_special_tokens)
+            ids = tokenize() if len(request.text) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(tokenize)
             return text_generation_pb2.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: text_generation_pb2.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> text_generation_pb2.DetokenizeResponse:
         async with self._status_on_error(context):
             self._state.check_accepting()
-            vocab = self._engine.info().vocab_size
-            bad = [(f"token_ids[{i}]", f"token id {t} outside [0, {vocab})")
-                   for i, t in enumerate(request.token_ids) if not 0 <= t < vocab][:32]
+            bad: list[tuple[str, str]] = []
+            if self._limits.check_token_ids(bad, "token_ids", len(request.token_ids)):
+                convert.check_token_ids(bad, "token_ids", request.token_ids, self._engine.info().vocab_size)
             if bad:
                 raise InvalidRequests(bad)
-            text = self._engine.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
+            detokenize = functools.partial(self._engine.detokenize, list(request.token_ids),
+                                           skip_special_tokens=request.skip_special_tokens)
+            text = (detokenize() if len(request.token_ids) <= INLINE_DETOKENIZE_IDS
+                    else await asyncio.to_thread(detokenize))
             return text_generation_pb2.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request: text_generation_pb2.GetModelInfoRequest,

@@ -77,11 +77,7 @@ class TorchEngine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
         self._loop = asyncio.get_running_loop()
-        factory = self._runner_factory
-        if factory is None:
-            from engines.torch.runner import ModelRunner
-            factory = ModelRunner
-        self._runner = await asyncio.to_thread(factory, self.config)
+        self._runner = await asyncio.to_thread(self._build_runner)  # imports and loads off the loop
         model_info: ModelInfo = self._runner.model_info
         max_len = model_info.context_length
         if self.config.scheduler.max_model_len:
@@ -94,6 +90,13 @@ class TorchEngine:
         self._stats = EngineStats(0, 0, 0, self._block_manager.num_blocks)
         self._thread = threading.Thread(target=self._run, name="tokenrelay-engine", daemon=True)
         self._thread.start()
+
+    def _build_runner(self) -> Any:
+        factory = self._runner_factory
+        if factory is None:
+            from engines.torch.runner import ModelRunner
+            factory = ModelRunner
+        return factory(self.config)
 
     async def shutdown(self) -> None:
         with self._cv:
@@ -123,13 +126,15 @@ class TorchEngine:
         if not self._thread.is_alive():
             raise EngineDeadError("engine thread exited")
 
+    # The batch forms release the GIL while they work (`encode` / `decode` hold it), so a large
+    # input tokenized on a worker thread does not stall the event loop.
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.info()
-        return list(self._runner.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self._runner.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         self.info()
-        return self._runner.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self._runner.tokenizer.decode_batch([list(token_ids)], skip_special_tokens=skip_special_tokens)[0]
 
     def add_request(self, request: Request) -> RequestStream:
         self._validate(request)

@@ -26,6 +26,7 @@ from server.jobs.store import JobStore, open_store
 from server.jobs.webhooks import (
     WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
 )
+from server.limits import InputLimits
 
 
 
@@ -68,7 +69,7 @@ def jobs_config_from_args(args: argparse.Namespace) -> JobsConfig:
 class JobsComponent:
     def __init__(self, config: JobsConfig, engine: AsyncEngine, *, store: JobStore | None = None,
                  webhook_sender: WebhookSender | None = None,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+                 draining: Callable[[], bool] = lambda: False, limits: InputLimits = InputLimits()) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config.store_url)
         webhook = config.webhook
@@ -77,7 +78,7 @@ class JobsComponent:
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
         self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
-        self.servicer = JobsServiceServicer(config, self.manager, engine, check, draining)
+        self.servicer = JobsServiceServicer(config, self.manager, engine, check, draining, limits)
         self._opened = False
         self._started = False
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from collections.abc import Callable
 
 from google.protobuf import timestamp_pb2
@@ -18,8 +17,9 @@ from google.rpc import code_pb2
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
 from engines.base import InvalidRequest, ModelInfo, Request
-from server.convert import ResultAccumulator, request_from_params
+from server.convert import ResultAccumulator, new_seed, request_from_params
 from server.errors import InvalidRequests
+from server.limits import InputLimits
 from server.jobs.model import (
     Delta, Job, JobError, JobsConfig, JobState, JobTier, Transition, WebhookDelivery, new_job_id,
 )
@@ -27,7 +27,6 @@ from server.jobs.model import (
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
-MAX_IDEMPOTENCY_KEY = 256
 MAX_ATTEMPTS_LIMIT = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -46,6 +45,8 @@ _TIERS = {
 _TIERS_BACK = {JobTier.URGENT: jobs_pb2.JOB_PRIORITY_URGENT, JobTier.STANDARD: jobs_pb2.JOB_PRIORITY_STANDARD,
                JobTier.BULK: jobs_pb2.JOB_PRIORITY_BULK}
 
+# Stored params passed the submitting server's limits; a re-run never re-applies byte limits.
+_STORED_LIMITS = InputLimits(**{name: 1 << 62 for name in InputLimits.__slots__})
 WebhookCheck = Callable[[str], None]  # raises InvalidRequest("webhook.url", ...)
 
 
@@ -70,19 +71,27 @@ def _seconds(msg, name: str, default: float, field: str, bad: list[tuple[str, st
 
 def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, info: ModelInfo,
                     tokenize: Callable[[str], list[int]], check_webhook: WebhookCheck | None,
-                    now: float) -> Job:
-    """A queued Job for `request`; raises InvalidRequests naming every bad field."""
+                    now: float, limits: InputLimits) -> Job:
+    """A queued Job for `request`; raises InvalidRequests naming every bad field.
+
+    Byte limits are checked before anything is tokenized or stored.
+    """
     bad: list[tuple[str, str]] = []
     if not request.HasField("params"):
         raise InvalidRequests([("params", "generation params are required")])
+    limits.check_bytes(bad, "idempotency_key", request.idempotency_key, limits.max_idempotency_key_bytes)
+    if request.HasField("webhook"):
+        limits.check_bytes(bad, "webhook.url", request.webhook.url, limits.max_webhook_url_bytes)
+    if bad:
+        raise InvalidRequests(bad)
     job_id = new_job_id()
     params = generation_pb2.GenerationParams()
     params.CopyFrom(request.params)
     if not params.sampling.HasField("seed"):
-        params.sampling.seed = secrets.randbits(63)  # fixed now: a re-run yields the same tokens
+        params.sampling.seed = new_seed()  # fixed now: a re-run yields the same tokens
     try:
         engine_req = request_from_params(params, request_id=params.request_id or job_id, info=info,
-                                         tokenize=tokenize, arrival_time=0.0, deadline=None)
+                                         tokenize=tokenize, arrival_time=0.0, deadline=None, limits=limits)
     except InvalidRequests as exc:
         bad += exc.violations
         engine_req = None
@@ -91,8 +100,6 @@ def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, i
         engine_req = None
     if request.priority not in _TIERS:
         bad.append(("priority", f"unknown job priority {request.priority}"))
-    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        bad.append(("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters"))
     queue_ttl = _seconds(request, "queue_ttl", config.queue_ttl, "queue_ttl", bad)
     retention = _seconds(request, "result_retention", config.retention, "result_retention", bad)
     max_attempts = config.max_attempts
@@ -140,7 +147,8 @@ def engine_request(job: Job, *, info: ModelInfo, tokenize: Callable[[str], list[
     """The engine Request of the job's current attempt, at the job's engine priority."""
     params = job_params(job)
     request = request_from_params(params, request_id=f"{job.job_id}.{job.attempts}", info=info,
-                                  tokenize=tokenize, arrival_time=arrival_time, deadline=None)
+                                  tokenize=tokenize, arrival_time=arrival_time, deadline=None,
+                                  limits=_STORED_LIMITS)
     request.priority = job.engine_priority
     return request
 

@@ -13,6 +13,7 @@ from engines.base import AsyncEngine, InvalidRequest
 from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort_on_error
 from server.jobs import convert
 from server.jobs.manager import JobManager
+from server.limits import InputLimits
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
 
 
@@ -32,17 +33,19 @@ def _status(context: grpc.aio.ServicerContext):
     return abort_on_error(context, mapped)
 
 
-def _job_id(value: str) -> str:
-    if not value:
-        raise InvalidRequest("job_id", "must not be empty")
+def _job_id(value: str, limits: InputLimits) -> str:
+    bad: list[tuple[str, str]] = []
+    if not limits.check_job_id(bad, "job_id", value):
+        raise InvalidRequests(bad)
     return value
 
 
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
                  check_webhook: Callable[[str], None] | None,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+                 draining: Callable[[], bool] = lambda: False, limits: InputLimits = InputLimits()) -> None:
         self._config = config
+        self._limits = limits
         self._draining = draining
         self._manager = manager
         self._engine = engine
@@ -55,14 +58,14 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                 raise ServerDraining("server is draining; submit to another replica")
             job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
                                           tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
-                                          now=time.time())
+                                          now=time.time(), limits=self._limits)
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest,
                      context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
         async with _status(context):
-            job = await self._manager.store.get(_job_id(request.job_id))
+            job = await self._manager.store.get(_job_id(request.job_id, self._limits))
             return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
@@ -70,7 +73,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
         async with _status(context):
             if request.from_token_offset < 0:
                 raise InvalidRequest("from_token_offset", "must be >= 0")
-            events = self._manager.watch(_job_id(request.job_id), request.from_token_offset)
+            events = self._manager.watch(_job_id(request.job_id, self._limits), request.from_token_offset)
             try:
                 async for ev in events:
                     if isinstance(ev, Transition):
@@ -85,7 +88,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
         async with _status(context):
-            job = await self._manager.cancel(_job_id(request.job_id))
+            job = await self._manager.cancel(_job_id(request.job_id, self._limits))
             return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
@@ -104,7 +107,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.DeleteJobResponse:
         async with _status(context):
-            job_id = _job_id(request.job_id)
+            job_id = _job_id(request.job_id, self._limits)
             job = await self._manager.store.get(job_id)
             if not job.state.terminal:
                 await self._manager.cancel(job_id)  # stop it first: nothing keeps running for nobody

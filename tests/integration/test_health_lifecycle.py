@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -91,28 +92,44 @@ async def test_unknown_service_is_not_found(health_stub):
 
 
 @pytest.mark.parametrize("synthetic_server", [{"itl_ms": 5.0}], indirect=True)
-async def test_draining_refuses_new_calls_and_lets_in_flight_finish(synthetic_server, channel, health_stub,
-                                                                    wait_until):
+async def test_draining_sends_goaway_and_lets_in_flight_finish(synthetic_server, channel, health_stub,
+                                                              wait_until):
     stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
     stream = stub.GenerateStream(tg.GenerateStreamRequest(params=params(60)), timeout=30)
     assert (await stream.read()).WhichOneof("event") == "started"
     drain = asyncio.create_task(synthetic_server.handle.drain(grace=20))
     await wait_until(lambda: synthetic_server.handle.health.draining, timeout=5)  # flips at once
-    got = await statuses(health_stub)
-    assert got == {"": SERVING, SERVICES[0]: NOT_SERVING, SERVICES[1]: NOT_SERVING}
+    # GOAWAY: the connection takes no new call and the port no new connection, so clients go
+    # to another replica; the call in flight goes on to its end.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     jobs = jobs_pb2_grpc.JobsServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(params=params(2)), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
-    load = await stub.GetServerLoad(tg.GetServerLoadRequest(), timeout=5)
-    assert load.draining
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    async with grpc.aio.insecure_channel(synthetic_server.address) as fresh:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # not listening any more
     events = await read_rest(stream)
     assert events[-1].finished.finish_reason == gen.FINISH_REASON_LENGTH
     assert events[-1].finished.usage.completion_tokens == 60
     assert await asyncio.wait_for(drain, timeout=10) is True
+
+
+async def test_servicers_refuse_while_draining_with_reason(synthetic_server, channel):
+    """A call that reaches a servicer after draining began is told so (ErrorInfo DRAINING)."""
+    await synthetic_server.handle.health.set_draining()  # readiness only: the port still listens
+    stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await jobs_pb2_grpc.JobsServiceStub(channel).SubmitJob(jobs_pb2.SubmitJobRequest(params=params(2)),
+                                                               timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(err.value) == "DRAINING"
+    assert (await stub.GetServerLoad(tg.GetServerLoadRequest(), timeout=5)).draining
 
 
 @pytest.mark.parametrize("synthetic_server", [{"health_check_interval_seconds": 0.05}], indirect=True)
@@ -138,6 +155,16 @@ async def _read_listening_line(proc: asyncio.subprocess.Process) -> str:
     return text.removeprefix("tokenrelay listening on ")
 
 
+async def _refused(address: str) -> bool:
+    """True once a new connection to `address` is refused (the server stopped listening)."""
+    async with grpc.aio.insecure_channel(address) as fresh:
+        try:
+            await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
 async def test_sigterm_drains_in_flight_calls_and_exits_zero():
     env = {**os.environ, "TOKENRELAY_SYNTHETIC_ITL_MS": "10", "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
@@ -157,12 +184,11 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero():
                 assert (await asyncio.wait_for(s.read(), timeout=10)).WhichOneof("event") == "started"
                 assert (await asyncio.wait_for(s.read(), timeout=10)).WhichOneof("event") == "delta"
             proc.send_signal(signal.SIGTERM)
-            for _ in range(200):  # bounded: readiness flips as soon as the signal is handled
-                if (await health.Check(health_pb2.HealthCheckRequest(service=SERVICES[0]), timeout=5)).status \
-                        == NOT_SERVING:
+            for _ in range(100):  # bounded: GOAWAY and no more listening once the signal is handled
+                if await _refused(address):
                     break
             else:
-                pytest.fail("readiness stayed SERVING after SIGTERM")
+                pytest.fail("the server still took new connections after SIGTERM")
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Generate(tg.GenerateRequest(params=params(2)), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -170,7 +196,10 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero():
                 events = await read_rest(s)
                 assert events[-1].finished.finish_reason == gen.FINISH_REASON_LENGTH
                 assert events[-1].finished.usage.completion_tokens == 80
+            last_call_ended = time.monotonic()
         assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+        exit_after = time.monotonic() - last_call_ended
+        assert exit_after < 5.0, f"exited {exit_after:.1f}s after the last call (aim: about 1s)"
     finally:
         if proc.returncode is None:
             proc.kill()

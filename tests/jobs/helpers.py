@@ -12,6 +12,7 @@ from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 from server.jobs import convert
 from server.jobs.model import Job, JobsConfig, JobState, JobTier, Transition, new_job_id
 from server.jobs.store import JobStore
+from server.limits import InputLimits
 
 
 def submit_request(max_tokens: int = 8, *, prompt: str = "hello", seed: int | None = None,
@@ -25,7 +26,8 @@ def submit_request(max_tokens: int = 8, *, prompt: str = "hello", seed: int | No
 
 def build_job(engine: AsyncEngine, request: jobs_pb2.SubmitJobRequest, config: JobsConfig | None = None) -> Job:
     return convert.job_from_submit(request, config=config or JobsConfig(), info=engine.info(),
-                                   tokenize=engine.tokenize, check_webhook=None, now=time.time())
+                                   tokenize=engine.tokenize, check_webhook=None, now=time.time(),
+                                   limits=InputLimits())
 
 
 async def wait_job(store: JobStore, job_id: str, predicate: Callable[[Job], bool], timeout: float = 15.0) -> Job:

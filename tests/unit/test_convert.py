@@ -12,6 +12,7 @@ from engines.base import (
 )
 from server import convert
 from server.errors import AdmissionRejected, InvalidRequests, ServerDraining, to_status
+from server.limits import InputLimits
 
 INFO = ModelInfo(name="m", context_length=64, vocab_size=100, eos_token_ids=(2,), max_logprobs=5,
                  max_stop_strings=2)
@@ -23,7 +24,7 @@ def tokenize(text: str) -> list[int]:
 
 def build(params: gen.GenerationParams, request_id: str = "rid"):
     return convert.request_from_params(params, request_id=request_id, info=INFO, tokenize=tokenize,
-                                       arrival_time=1.0, deadline=None)
+                                       arrival_time=1.0, deadline=None, limits=InputLimits())
 
 
 def test_defaults_for_unset_fields():
@@ -49,7 +50,8 @@ def test_fields_copied():
                                                          frequency_penalty=-0.5),
                              stopping=gen.StoppingCriteria(max_tokens=9, min_tokens=2, stop=["x"], stop_token_ids=[7],
                                                            ignore_eos=True, include_stop_in_output=True))
-    r = convert.request_from_params(p, request_id="q", info=INFO, tokenize=tokenize, arrival_time=2.0, deadline=5.0)
+    r = convert.request_from_params(p, request_id="q", info=INFO, tokenize=tokenize, arrival_time=2.0, deadline=5.0,
+                                  limits=InputLimits())
     assert (r.request_id, r.prompt_token_ids, r.priority, r.arrival_time, r.deadline) == ("q", [3, 4], -3, 2.0, 5.0)
     assert r.sampling.top_k == 7 and r.sampling.seed == 11 and r.sampling.logprobs == 2
     assert r.sampling.top_p == pytest.approx(0.9) and r.sampling.repetition_penalty == pytest.approx(1.2)
@@ -73,10 +75,12 @@ def test_violations_name_the_field(params, field):
     assert field in [f for f, _ in err.value.violations]
 
 
-def test_request_id_limits():
-    with pytest.raises(InvalidRequests):
-        build(gen.GenerationParams(text="a"), request_id="x" * 129)
-    assert build(gen.GenerationParams(text="a"), request_id="x" * 128).request_id == "x" * 128
+@pytest.mark.parametrize("bad_id", ["x" * 129, "é", "a\nb", "\x00", "a b"])
+def test_request_id_limits(bad_id):
+    with pytest.raises(InvalidRequests) as err:
+        build(gen.GenerationParams(text="a", request_id=bad_id))
+    assert [f for f, _ in err.value.violations] == ["params.request_id"]
+    assert build(gen.GenerationParams(text="a", request_id="x" * 128), request_id="x" * 128).request_id == "x" * 128
 
 
 def test_with_params_prefix():
