@@ -479,9 +479,12 @@ async def test_tls_uses_the_original_host_for_sni_and_the_certificate_check(tmp_
 
 
 def test_cli_flags_build_the_config(monkeypatch):
+    from server.main import apply_env_defaults
+
     monkeypatch.setenv("TOKENRELAY_WEBHOOK_SECRET", SECRET)
     parser = argparse.ArgumentParser()
     add_webhook_arguments(parser)
+    apply_env_defaults(parser)
     args = parser.parse_args(["--webhook-allow-host", "127.0.0.1", "--webhook-allow-host", "10.0.0.0/8",
                               "--webhook-max-attempts", "3", "--webhook-backoff", "1,2.5",
                               "--webhook-timeout", "4", "--webhook-allow-http"])
