@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
@@ -85,7 +85,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 # -- commands ------------------------------------------------------------------------------
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> NoReturn:
     from server import main as server_main
 
     server_main.exit_now(server_main.run(server_main.config_from_args(args)))
