@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from engines.config import TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.jobs.model import JobsConfig
+from server.security import SecurityConfig
+from server.telemetry.config import TelemetryConfig
 
 ENGINES = ("torch", "synthetic")
 
@@ -38,6 +40,8 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     log_level: str = "INFO"
     jobs: JobsConfig | None = None  # durable jobs; None: the Jobs API answers UNIMPLEMENTED
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, auth, tenants, health port
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # metrics, traces, logs
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

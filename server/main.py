@@ -23,6 +23,9 @@ from engines.synthetic import SyntheticEngineConfig
 from server.app import ServerHandle, start_server
 from server.config import ENGINES, AdmissionConfig, ServerConfig
 from server.jobs.component import add_jobs_arguments, jobs_config_from_args
+from server.logs import configure_logging
+from server.security import add_security_arguments, security_config_from_args
+from server.telemetry.config import add_telemetry_arguments, telemetry_config_from_args
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -109,6 +112,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-itl-ms", float, 5.0, "synthetic engine: then one token every this many ms")
     add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
     add_jobs_arguments(parser)
+    add_security_arguments(parser)
+    add_telemetry_arguments(parser)
     apply_env_defaults(parser)
 
 
@@ -132,7 +137,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
                         synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
-                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args))
+                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args),
+                        security=security_config_from_args(args), telemetry=telemetry_config_from_args(args))
 
 
 async def _serve(config: ServerConfig) -> int:
@@ -151,9 +157,11 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         handle: ServerHandle = await start_server(config, wait_ready=False)
-    except (OSError, RuntimeError, ImportError) as exc:
+    except (OSError, RuntimeError, ImportError, ValueError) as exc:
         log.error("could not start the server on %s:%d: %s", config.host, config.port, exc)
         return 1
+    if handle.security is not None:  # SIGHUP: reload TLS certificates and API keys
+        loop.add_signal_handler(signal.SIGHUP, handle.security.reload)
     startup = handle.startup
     assert startup is not None
     waiter = asyncio.create_task(stop.wait())
@@ -182,9 +190,7 @@ async def _serve(config: ServerConfig) -> int:
 
 def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.telemetry.log_format)
     return asyncio.run(_serve(config))
 
 
