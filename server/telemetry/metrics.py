@@ -131,10 +131,17 @@ class Metrics:
         self.c_success = {reason: self.success.labels(name, reason.value) for reason in FinishReason}
 
     def set_model(self, model_name: str) -> None:
-        """The model label (known once the engine has started)."""
-        if model_name != self.model_name:
-            self.model_name = model_name
-            self._bind_model()
+        """The model label (known once the engine has started); the placeholder series go."""
+        if model_name == self.model_name:
+            return
+        old, self.model_name = self.model_name, model_name
+        for metric in (self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.inference, self.prefill,
+                       self.decode, self.prompt_tokens_hist, self.generation_tokens_hist, self.prompt_tokens,
+                       self.generation_tokens):
+            metric.remove(old)
+        for reason in FinishReason:
+            self.success.remove(old, reason.value)
+        self._bind_model()
 
     def watch_engine(self, stats: Callable[[], EngineStats], loop: asyncio.AbstractEventLoop) -> None:
         self.registry.register(_EngineCollector(stats, loop, lambda: self.model_name))
