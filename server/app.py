@@ -123,7 +123,7 @@ class ServerHandle:
                 await task
         await self.engine.shutdown()
         if self.telemetry is not None:
-            self.telemetry.stop()
+            await asyncio.to_thread(self.telemetry.stop)  # flushes spans: blocking network I/O
 
 
 def _bind_address(host: str, port: int) -> str:

@@ -1,0 +1,91 @@
+"""Traces exported over OTLP/gRPC to a real receiver served in the test from the
+opentelemetry-proto TraceService definition."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from server.telemetry.config import TelemetryConfig
+from tokenrelay import AsyncClient
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.changed = asyncio.Event()
+
+    async def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
+                     context: grpc.aio.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        self.changed.set()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    server = grpc.aio.server()
+    sink = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield sink, f"http://127.0.0.1:{port}"
+    await server.stop(0)
+
+
+def _attrs(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        v = kv.value
+        kind = v.WhichOneof("value")
+        out[kv.key] = ([x.string_value for x in v.array_value.values] if kind == "array_value"
+                       else getattr(v, kind))
+    return out
+
+
+async def test_server_spans_join_the_callers_trace(synthetic_server_factory, receiver) -> None:
+    sink, endpoint = receiver
+    srv = await synthetic_server_factory(telemetry=TelemetryConfig(otlp_traces_endpoint=endpoint), ttft_ms=20.0)
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    traceparent = f"00-{trace_id}-{parent_id}-01"
+    async with AsyncClient(srv.address, timeout=20, retries=0, metadata={"traceparent": traceparent}) as client:
+        result = await client.generate("trace me", max_tokens=5, ignore_eos=True, temperature=0.5)
+        async for _ in client.stream("and me", max_tokens=3, ignore_eos=True):
+            pass
+    assert await asyncio.to_thread(srv.handle.telemetry.tracing.force_flush)  # export blocks: not on this loop
+    spans = [s for s in sink.spans if s.trace_id.hex() == trace_id]
+    by_name: dict[str, list] = {}
+    for s in spans:
+        by_name.setdefault(s.name, []).append(s)
+    server_spans = by_name["/tokenrelay.v1.TextGenerationService/Generate"]
+    assert len(server_spans) == 1 and server_spans[0].parent_span_id.hex() == parent_id
+    assert len(by_name["/tokenrelay.v1.TextGenerationService/GenerateStream"]) == 1
+    model = srv.engine.info().name
+    completions = by_name[f"text_completion {model}"]
+    assert len(completions) == 2
+    unary = next(c for c in completions if c.parent_span_id == server_spans[0].span_id)
+    attrs = _attrs(unary)
+    assert attrs["gen_ai.operation.name"] == "text_completion"
+    assert attrs["gen_ai.request.max_tokens"] == 5 and attrs["gen_ai.request.temperature"] == 0.5
+    assert attrs["gen_ai.usage.output_tokens"] == 5 == result.usage.completion_tokens
+    assert attrs["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
+    assert attrs["gen_ai.response.finish_reasons"] == ["length"]
+    children = {s.name: s for s in spans if s.parent_span_id == unary.span_id}
+    assert set(children) == {"queue", "prefill", "decode"}
+    q, p, d = children["queue"], children["prefill"], children["decode"]
+    assert q.start_time_unix_nano <= q.end_time_unix_nano <= p.start_time_unix_nano + 1
+    assert p.end_time_unix_nano <= d.start_time_unix_nano + 1 and d.end_time_unix_nano <= unary.end_time_unix_nano + 1
+    assert p.end_time_unix_nano - p.start_time_unix_nano >= 15_000_000  # the engine's 20 ms to first token
+
+
+async def test_tracing_off_installs_nothing(synthetic_server_factory) -> None:
+    srv = await synthetic_server_factory(telemetry=TelemetryConfig(access_log=False))
+    assert srv.handle.telemetry.interceptors() == []
+    assert srv.handle.engine is srv.engine  # no wrapper around the engine
