@@ -102,6 +102,7 @@ class Security:
             raise OSError(f"could not bind the health port {host}:{self.config.health_port}")
         await server.start()
         self.health_server, self.health_port = server, port
+        log.info("health-only port (plain text, grpc.health.v1) listening on %s:%d", host, port)
 
     def reload(self) -> None:
         """SIGHUP: certificates at the next handshake, API keys now."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -18,6 +19,8 @@ import grpc
 from engines.base import AsyncEngine
 from server.jobs.store import JobStore
 from server.telemetry.config import TelemetryConfig
+
+log = logging.getLogger(__name__)
 
 
 class Telemetry:
@@ -68,7 +71,8 @@ class Telemetry:
         """Serve /metrics (engine gauges sampled on this event loop)."""
         if self.metrics is not None and self.config.metrics_port is not None:
             self.metrics.watch_engine(engine.stats, asyncio.get_running_loop())
-            self.metrics.start_http(host, self.config.metrics_port)
+            port = self.metrics.start_http(host, self.config.metrics_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
 
     def stop(self) -> None:
         if self.metrics is not None:
