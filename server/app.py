@@ -61,7 +61,7 @@ def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingSta
     # without it the base servicer answers UNIMPLEMENTED.
     if config.jobs is None:
         return None
-    return JobsComponent(config.jobs, engine, draining=lambda: state.draining)
+    return JobsComponent(config.jobs, engine, health=state)
 
 
 @dataclass(slots=True, eq=False)

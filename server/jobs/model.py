@@ -418,6 +418,7 @@ class JobsConfig:
     poll_interval: float = 0.5  # seconds between claim attempts when idle (a submit wakes it at once)
     sweep_interval: float = 1.0  # seconds between TTL / retention sweeps
     stop_grace: float = 5.0  # seconds running jobs get to finish on stop before going back
+    store_check_interval: float = 1.0  # seconds between store pings (Jobs readiness follows the store)
     webhook: WebhookConfig | None = None  # None or no secret: webhooks refused at submit
 
     def __post_init__(self) -> None:
@@ -430,5 +431,6 @@ class JobsConfig:
             raise ValueError("jobs queue ttl and retention must be >= 0")
         if self.max_attempts < 1:
             raise ValueError("jobs max attempts must be >= 1")
-        if self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0:
-            raise ValueError("jobs lease, poll and sweep intervals must be > 0, stop grace >= 0")
+        if (self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0
+                or self.store_check_interval <= 0):
+            raise ValueError("jobs lease, poll, sweep and store check intervals must be > 0, stop grace >= 0")
