@@ -66,7 +66,7 @@ def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingSta
     if config.jobs is None:
         return None
     store = telemetry.instrument_store(open_store(config.jobs.store_url)) if telemetry.metrics else None
-    return JobsComponent(config.jobs, engine, store=store, draining=lambda: state.draining)
+    return JobsComponent(config.jobs, engine, store=store, health=state)
 
 
 @dataclass(slots=True, eq=False)

@@ -117,6 +117,33 @@ class Delta:
 
 
 @dataclass(slots=True)
+class Progress:
+    """The part of a job that changes while it runs (per output delta, per heartbeat).
+
+    Stores keep it beside the job document (a row of its own / a hash field), so persisting a
+    delta or a heartbeat writes these few fields and never the document (params included).
+    `state` and `owner` change only with the document; they are here so ownership can be
+    checked without reading it.
+    """
+
+    state: JobState
+    owner: str
+    lease_until: float
+    completion_tokens: int
+    text_chars: int
+    update_time: float
+    version: int
+
+    def to_list(self) -> list:
+        return [self.state.value, self.owner, self.lease_until, self.completion_tokens, self.text_chars,
+                self.update_time, self.version]
+
+    @classmethod
+    def from_list(cls, v: list) -> Progress:
+        return cls(JobState(v[0]), v[1], v[2], v[3], v[4], v[5], v[6])
+
+
+@dataclass(slots=True)
 class Job:
     job_id: str
     tier: JobTier
@@ -175,7 +202,19 @@ class Job:
         """When a queued job expires, or when an ended job is deleted."""
         return self.delete_time if self.state.terminal else self.queue_deadline
 
-    # -- serialization (stores keep one JSON document per job) ------------------------------
+    # -- serialization: stores keep one JSON document per job, written on state changes, and
+    # its Progress beside it, written on every delta and heartbeat ---------------------------
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.state, self.owner, self.lease_until, self.completion_tokens, self.text_chars,
+                        self.update_time, self.version)
+
+    def apply(self, progress: Progress) -> None:
+        """Overlay the stored progress on a job read from its (older) document."""
+        self.state, self.owner, self.lease_until = progress.state, progress.owner, progress.lease_until
+        self.completion_tokens, self.text_chars = progress.completion_tokens, progress.text_chars
+        self.update_time, self.version = progress.update_time, progress.version
+
     def to_dict(self) -> dict:
         return {
             "job_id": self.job_id, "tier": self.tier.value,
@@ -278,12 +317,20 @@ def retention_over(job: Job, now: float) -> bool:
     return job.state.terminal and delete_time is not None and now >= delete_time
 
 
-def owned_by(job: Job, replica_id: str) -> bool:
+def owned_by(job: Job | Progress, replica_id: str) -> bool:
     return job.state is JobState.RUNNING and job.owner == replica_id
 
 
+def taken_over_by(job: Job, replica_id: str, now: float) -> bool:
+    """May `replica_id` claim this running job? Only once its lease lapsed, and never its own: a
+    replica still running the job (its heartbeats could not reach the store for a while) must not
+    start it twice; its own jobs from before a restart are recovered at start-up."""
+    return job.state is JobState.RUNNING and job.lease_until < now and job.owner != replica_id
+
+
 # -- the store-side changes: each returns False when nothing may be written ----------------
-def extend_lease(job: Job, replica_id: str, lease: float, now: float) -> bool:
+# extend_lease and add_output change only a job's Progress (stores pass that alone).
+def extend_lease(job: Job | Progress, replica_id: str, lease: float, now: float) -> bool:
     """A heartbeat: the lease of a job running on `replica_id` runs on."""
     if not owned_by(job, replica_id):
         return False
@@ -291,7 +338,7 @@ def extend_lease(job: Job, replica_id: str, lease: float, now: float) -> bool:
     return True
 
 
-def add_output(job: Job, replica_id: str, delta: Delta, now: float) -> bool:
+def add_output(job: Job | Progress, replica_id: str, delta: Delta, now: float) -> bool:
     """Count one persisted delta; False when the job is not ours or `delta` does not continue
     the persisted output."""
     if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
@@ -371,6 +418,7 @@ class JobsConfig:
     poll_interval: float = 0.5  # seconds between claim attempts when idle (a submit wakes it at once)
     sweep_interval: float = 1.0  # seconds between TTL / retention sweeps
     stop_grace: float = 5.0  # seconds running jobs get to finish on stop before going back
+    store_check_interval: float = 1.0  # seconds between store pings (Jobs readiness follows the store)
     webhook: WebhookConfig | None = None  # None or no secret: webhooks refused at submit
 
     def __post_init__(self) -> None:
@@ -383,5 +431,6 @@ class JobsConfig:
             raise ValueError("jobs queue ttl and retention must be >= 0")
         if self.max_attempts < 1:
             raise ValueError("jobs max attempts must be >= 1")
-        if self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0:
-            raise ValueError("jobs lease, poll and sweep intervals must be > 0, stop grace >= 0")
+        if (self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0
+                or self.store_check_interval <= 0):
+            raise ValueError("jobs lease, poll, sweep and store check intervals must be > 0, stop grace >= 0")

@@ -1,19 +1,36 @@
 """The Jobs gRPC servicer: thin. Validation and conversion live in `server.jobs.convert`, the
-work in `server.jobs.manager`, errors map through `server.errors`."""
+work in `server.jobs.manager`, errors map through `server.errors`.
+
+SubmitJob is refused (UNAVAILABLE) while draining and once the engine is dead; during start-up
+it waits for the engine (bounded by the call's deadline), then validates against its tokenizer
+and stores the job, which runs once claiming starts. Validation tokenizes: it runs off the
+event loop. A store outage answers UNAVAILABLE on every call.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-from engines.base import AsyncEngine, InvalidRequest
-from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort_on_error
+from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
+from server.errors import (
+    AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
+)
+from server.health import Phase, ServingState
 from server.jobs import convert
 from server.jobs.manager import JobManager
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
+from server.jobs.store import StoreUnavailable
+
+REQUEST_ID_METADATA = "x-request-id"
+
+
+class JobsStoreUnavailable(ServerError):
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 def _map_error(exc: Exception) -> Exception:
@@ -22,6 +39,8 @@ def _map_error(exc: Exception) -> Exception:
     if isinstance(exc, IdempotencyConflict):
         return AlreadyExists(str(exc), reason="IDEMPOTENCY_KEY_REUSED", job_id=exc.job_id,
                              idempotency_key=exc.key)
+    if isinstance(exc, StoreUnavailable):
+        return JobsStoreUnavailable("the jobs store is unavailable; retry shortly")
     return exc
 
 
@@ -38,24 +57,60 @@ def _job_id(value: str) -> str:
     return value
 
 
+def _header_request_id(request: jobs_pb2.SubmitJobRequest,
+                       context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobRequest:
+    """params.request_id, else the `x-request-id` header: the request to validate and store
+    (validated like any params.request_id)."""
+    if request.params.request_id:
+        return request
+    value = next((v for k, v in (context.invocation_metadata() or ()) if k == REQUEST_ID_METADATA), "")
+    if not value:
+        return request
+    with_id = jobs_pb2.SubmitJobRequest()
+    with_id.CopyFrom(request)
+    with_id.params.request_id = value if isinstance(value, str) else value.decode("latin-1")
+    return with_id
+
+
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
-                 check_webhook: Callable[[str], None] | None,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+                 check_webhook: Callable[[str], None] | None, health: ServingState | None = None,
+                 engine_started: asyncio.Event | None = None) -> None:
         self._config = config
-        self._draining = draining
+        self._health = health
         self._manager = manager
         self._engine = engine
         self._check_webhook = check_webhook
+        self._engine_started = engine_started
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a submit while draining or once the engine is dead; during start-up, wait
+        (bounded by the call's deadline) until the engine can validate it."""
+        health = self._health
+        if health is not None and health.phase is Phase.DEAD:
+            raise EngineDeadError(health.dead_reason or "engine is dead")
+        if health is not None and health.phase is Phase.DRAINING:
+            raise ServerDraining("server is draining; submit to another replica")
+        started = self._engine_started
+        if started is not None and not started.is_set():
+            left = context.time_remaining()
+            try:
+                await asyncio.wait_for(started.wait(), None if left is None else max(0.0, left - 0.5))
+            except TimeoutError:
+                raise NotReady("the engine is still starting; retry shortly") from None
+            await self._admit(context)  # it may have died or begun draining meanwhile
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         async with _status(context):
-            if self._draining():
-                raise ServerDraining("server is draining; submit to another replica")
-            job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
-                                          tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
-                                          now=time.time())
+            await self._admit(context)
+            sent = _header_request_id(request, context)
+            job = await asyncio.to_thread(  # tokenizes: off the event loop
+                convert.job_from_submit, sent, config=self._config, info=self._engine.info(),
+                tokenize=self._engine.tokenize, check_webhook=self._check_webhook, now=time.time())
+            # idempotency compares what the client sent in the body: a retry with a fresh
+            # x-request-id header is still the same request
+            job.fingerprint = convert.fingerprint(request)
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
 

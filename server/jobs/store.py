@@ -13,9 +13,19 @@ from urllib.parse import urlparse
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobError, JobState, WebhookDelivery
 
 
+class StoreUnavailable(ConnectionError):
+    """The store cannot be reached now (an outage): worth retrying. Stores raise it for their
+    client's connection / timeout errors; the API answers UNAVAILABLE, workers retry with backoff."""
+
+
 class JobStore(abc.ABC):
+    """Every method may raise StoreUnavailable while the store is down."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect / create the schema."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raises StoreUnavailable when the store cannot serve now (the readiness probe)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
