@@ -66,7 +66,8 @@ def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingSta
     if config.jobs is None:
         return None
     store = telemetry.instrument_store(open_store(config.jobs.store_url)) if telemetry.metrics else None
-    return JobsComponent(config.jobs, engine, store=store, health=state)
+    return JobsComponent(config.jobs, engine, store=store, health=state,
+                         attempt_context=telemetry.job_attempt_context if telemetry.tracing else None)
 
 
 @dataclass(slots=True, eq=False)

@@ -20,6 +20,7 @@ class CallInfo:
     tenant: str = ""  # "" when authentication is off
     limits: TenantLimits = field(default_factory=TenantLimits)
     trace_id: str = ""  # 32 hex digits when tracing is on
+    traceparent: str = ""  # W3C traceparent of the call's server span when tracing is on
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

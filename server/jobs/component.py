@@ -20,6 +20,7 @@ import contextlib
 import functools
 import logging
 import socket
+from collections.abc import Callable
 
 import grpc
 from tokenrelay.v1 import jobs_pb2_grpc
@@ -27,7 +28,7 @@ from tokenrelay.v1 import jobs_pb2_grpc
 from engines.base import AsyncEngine
 from server.health import JOBS_SERVICE, ServingState
 from server.jobs.manager import JobManager
-from server.jobs.model import JobsConfig
+from server.jobs.model import Job, JobsConfig
 from server.jobs.servicer import JobsServiceServicer
 from server.jobs.store import JobStore, StoreUnavailable, open_store
 from server.jobs.webhooks import (
@@ -78,7 +79,8 @@ def jobs_config_from_args(args: argparse.Namespace) -> JobsConfig:
 
 class JobsComponent:
     def __init__(self, config: JobsConfig, engine: AsyncEngine, *, store: JobStore | None = None,
-                 webhook_sender: WebhookSender | None = None, health: ServingState | None = None) -> None:
+                 webhook_sender: WebhookSender | None = None, health: ServingState | None = None,
+                 attempt_context: Callable[[Job], contextlib.AbstractContextManager] | None = None) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config.store_url)
         webhook = config.webhook
@@ -86,7 +88,8 @@ class JobsComponent:
             webhook_sender = WebhookSender(webhook)
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
-        self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
+        self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender,
+                                  attempt_context=attempt_context)
         self._engine_started = asyncio.Event()  # set by start(): submits before it wait for it
         self.servicer = JobsServiceServicer(config, self.manager, engine, check, health, self._engine_started)
         self._health = health

@@ -62,8 +62,10 @@ def _raise_if_cancelled() -> None:
 class JobManager:
     def __init__(self, config: JobsConfig, store: JobStore, engine: AsyncEngine, *,
                  webhooks: WebhookSender | None = None, clock: Callable[[], float] = time.time,
-                 persist_interval: float = 0.05) -> None:
+                 persist_interval: float = 0.05,
+                 attempt_context: Callable[[Job], contextlib.AbstractContextManager] | None = None) -> None:
         self.config = config
+        self._attempt_context = attempt_context or (lambda job: contextlib.nullcontext())  # e.g. a span
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(6)}"
         self._store = store
         self._engine = engine
@@ -251,7 +253,8 @@ class JobManager:
         job = attempt.job
         heartbeat = asyncio.create_task(self._heartbeat(attempt), name=f"job-heartbeat-{job.job_id}")
         try:
-            await self._attempt(attempt)
+            with self._attempt_context(job):
+                await self._attempt(attempt)
         except asyncio.CancelledError:
             raise
         except _Lost:

@@ -172,6 +172,8 @@ class Job:
     owner: str = ""  # replica running it
     lease_until: float = 0.0  # unix seconds
     version: int = 0  # bumped on every change (watchers wait on it)
+    tenant: str = ""  # who submitted it ("" without authentication); others see NOT_FOUND
+    trace_parent: str = ""  # W3C traceparent of the submitting call; attempts link to it
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -182,6 +184,13 @@ class Job:
             raise ValueError("queue_ttl and retention must be >= 0")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+
+    @property
+    def idempotency_scope(self) -> str:
+        """The stored idempotency key: per tenant ("" when the job has no key)."""
+        if not self.idempotency_key or not self.tenant:
+            return self.idempotency_key
+        return f"{self.tenant}\x1f{self.idempotency_key}"
 
     @property
     def engine_priority(self) -> int:
@@ -231,6 +240,7 @@ class Job:
             "last_error": None if self.last_error is None else [self.last_error.code, self.last_error.message],
             "webhook_deliveries": [[d.attempt, d.time, d.http_status, d.error] for d in self.webhook_deliveries],
             "owner": self.owner, "lease_until": self.lease_until, "version": self.version,
+            "tenant": self.tenant, "trace_parent": self.trace_parent,
         }
 
     @classmethod
@@ -248,6 +258,7 @@ class Job:
             last_error=None if d["last_error"] is None else JobError(*d["last_error"]),
             webhook_deliveries=[WebhookDelivery(*w) for w in d["webhook_deliveries"]],
             owner=d["owner"], lease_until=d["lease_until"], version=d["version"],
+            tenant=d.get("tenant", ""), trace_parent=d.get("trace_parent", ""),
         )
 
 

@@ -125,7 +125,7 @@ class RedisJobStore(JobStore):
                 for k in (key, self._deltas(job.job_id), self._ev(job.job_id)):
                     pipe.expire(k, ttl)
                 if job.idempotency_key:
-                    pipe.expire(self._idem(job.idempotency_key), ttl)
+                    pipe.expire(self._idem(job.idempotency_scope), ttl)
         elif job.state is JobState.QUEUED and before.state is not JobState.QUEUED:
             self._q.stage_push(pipe, job.tier, job.job_id)  # re-queued: a fresh entry
 
@@ -195,7 +195,7 @@ class RedisJobStore(JobStore):
     # -- the API side -----------------------------------------------------------------------
     @redis_call
     async def create(self, job: Job) -> tuple[Job, bool]:
-        idem = self._idem(job.idempotency_key) if job.idempotency_key else None
+        idem = self._idem(job.idempotency_scope) if job.idempotency_key else None
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -230,7 +230,8 @@ class RedisJobStore(JobStore):
         return _load(doc, progress)
 
     @redis_call
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
         start = "-" if not page_token else "(" + _decode_token(page_token)
         found: list[tuple[str, Job]] = []
         chunk = max(page_size * 2, 50)
@@ -249,7 +250,7 @@ class RedisJobStore(JobStore):
                 if d is None:
                     continue
                 job = _load(d, progress)
-                if not states or job.state in states:
+                if (not states or job.state in states) and (tenant is None or job.tenant == tenant):
                     found.append((m, job))
             start = "(" + members[-1]
             if len(members) < chunk:
@@ -267,7 +268,7 @@ class RedisJobStore(JobStore):
             pipe.xadd(self._ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
             pipe.expire(self._ev(job_id), 60)
             if job.idempotency_key:
-                pipe.delete(self._idem(job.idempotency_key))
+                pipe.delete(self._idem(job.idempotency_scope))
             pipe.zrem(self._index, f"{int(job.create_time * 1e9):020d}:{job_id}")
             pipe.zrem(self._qdeadline, job_id)
             pipe.zrem(self._deleteat, job_id)

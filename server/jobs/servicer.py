@@ -17,14 +17,16 @@ import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
+from server import call_context
 from server.errors import (
     AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
 )
 from server.health import Phase, ServingState
 from server.jobs import convert
 from server.jobs.manager import JobManager
-from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
+from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, JobState, Transition
 from server.jobs.store import StoreUnavailable
+from server.tenants import check_queued_jobs
 
 REQUEST_ID_METADATA = "x-request-id"
 
@@ -111,13 +113,30 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
             # idempotency compares what the client sent in the body: a retry with a fresh
             # x-request-id header is still the same request
             job.fingerprint = convert.fingerprint(request)
+            caller = call_context.current()
+            if caller is not None:  # the job belongs to the caller's tenant; attempts link to its trace
+                job.tenant, job.trace_parent = caller.tenant, caller.traceparent
+                await self._check_queue_quota(caller)
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
+
+    async def _check_queue_quota(self, caller: call_context.CallInfo) -> None:
+        cap = caller.limits.max_queued_jobs
+        if cap:
+            queued, _ = await self._manager.store.list(frozenset({JobState.QUEUED}), cap, "", caller.tenant)
+            check_queued_jobs(caller.tenant, caller.limits, len(queued), retry_after_s=1.0)
+
+    async def _owned(self, job_id: str) -> Job:
+        """The caller's job; another tenant's job is JobNotFound, exactly as a missing one."""
+        job = await self._manager.store.get(_job_id(job_id))
+        if job.tenant != call_context.current_tenant():
+            raise JobNotFound(job.job_id)
+        return job
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest,
                      context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
         async with _status(context):
-            job = await self._manager.store.get(_job_id(request.job_id))
+            job = await self._owned(request.job_id)
             return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
@@ -125,6 +144,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
         async with _status(context):
             if request.from_token_offset < 0:
                 raise InvalidRequest("from_token_offset", "must be >= 0")
+            await self._owned(request.job_id)
             events = self._manager.watch(_job_id(request.job_id), request.from_token_offset)
             try:
                 async for ev in events:
@@ -140,6 +160,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
         async with _status(context):
+            await self._owned(request.job_id)
             job = await self._manager.cancel(_job_id(request.job_id))
             return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
 
@@ -151,7 +172,8 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                 raise InvalidRequest("page_size", f"must be in [1, {convert.MAX_PAGE_SIZE}], got {request.page_size}")
             states = convert.states_from_proto(list(request.states))
             try:
-                jobs, token = await self._manager.store.list(states, size, request.page_token)
+                jobs, token = await self._manager.store.list(states, size, request.page_token,
+                                                             call_context.current_tenant())
             except ValueError as exc:
                 raise InvalidRequests([("page_token", str(exc))]) from exc
             return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token)
@@ -160,7 +182,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                         context: grpc.aio.ServicerContext) -> jobs_pb2.DeleteJobResponse:
         async with _status(context):
             job_id = _job_id(request.job_id)
-            job = await self._manager.store.get(job_id)
+            job = await self._owned(job_id)
             if not job.state.terminal:
                 await self._manager.cancel(job_id)  # stop it first: nothing keeps running for nobody
             await self._manager.store.delete(job_id)

@@ -181,7 +181,7 @@ class SqliteJobStore(JobStore):
     async def create(self, job: Job) -> tuple[Job, bool]:
         def body(conn: sqlite3.Connection) -> tuple[Job, bool]:
             if job.idempotency_key:
-                row = conn.execute(f"{_SELECT} WHERE j.idem_key = ?", (job.idempotency_key,)).fetchone()
+                row = conn.execute(f"{_SELECT} WHERE j.idem_key = ?", (job.idempotency_scope,)).fetchone()
                 if row is not None:
                     existing = _job(row)
                     check_idempotency(existing, job)
@@ -189,7 +189,7 @@ class SqliteJobStore(JobStore):
             conn.execute(
                 "INSERT INTO jobs (job_id, state, tier_rank, idem_key, queue_deadline, delete_at, lease_until,"
                 " owner, version, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, job.state.value, job.tier.rank, job.idempotency_key or None, job.queue_deadline,
+                (job.job_id, job.state.value, job.tier.rank, job.idempotency_scope or None, job.queue_deadline,
                  None, 0.0, "", job.version, json.dumps(job.to_dict())))
             self._save_progress(conn, job.job_id, job.progress)
             return job, True
@@ -204,7 +204,8 @@ class SqliteJobStore(JobStore):
             return job
         return await self._run(body, write=False)
 
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
         after = _decode_token(page_token)
 
         def body() -> tuple[list[Job], str]:
@@ -214,6 +215,9 @@ class SqliteJobStore(JobStore):
             if states:
                 sql += f" AND j.state IN ({','.join('?' * len(states))})"
                 args += [s.value for s in states]
+            if tenant is not None:
+                sql += " AND coalesce(json_extract(j.doc, '$.tenant'), '') = ?"
+                args.append(tenant)
             sql += " ORDER BY j.seq LIMIT ?"
             rows = self._conn.execute(sql, (*args, page_size + 1)).fetchall()
             jobs = [_job(row[1:]) for row in rows[:page_size]]

@@ -41,9 +41,11 @@ class JobStore(abc.ABC):
         """Raises JobNotFound."""
 
     @abc.abstractmethod
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
-        """Jobs in creation order, filtered by state (empty: all); returns the next page token
-        ("" on the last page). Raises ValueError for a page token it did not issue."""
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
+        """Jobs in creation order, filtered by state (empty: all) and by tenant (None: every
+        tenant); returns the next page token ("" on the last page). Raises ValueError for a page
+        token it did not issue."""
 
     @abc.abstractmethod
     async def delete(self, job_id: str) -> None:

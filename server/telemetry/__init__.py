@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import grpc
 
 from engines.base import AsyncEngine
+from server.jobs.model import Job
 from server.jobs.store import JobStore
 from server.telemetry.config import TelemetryConfig
 
@@ -66,6 +68,12 @@ class Telemetry:
         from server.telemetry.jobs import InstrumentedJobStore
 
         return InstrumentedJobStore(store, self.metrics)  # type: ignore[return-value]
+
+    def job_attempt_context(self, job: Job) -> contextlib.AbstractContextManager:
+        """Around a job attempt: a span linked to the trace that submitted the job."""
+        if self.tracing is None:
+            return contextlib.nullcontext()
+        return self.tracing.job_attempt(job.job_id, job.attempts, job.trace_parent)
 
     def start(self, host: str, engine: AsyncEngine) -> None:
         """Serve /metrics (engine gauges sampled on this event loop)."""

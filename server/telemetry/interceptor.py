@@ -15,7 +15,7 @@ import grpc
 from server import call_context
 from server.interceptors import metadata_value, wrap_handler
 from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import current_trace_id
+from server.telemetry.tracing import current_trace_id, current_traceparent
 
 access_log = logging.getLogger("tokenrelay.access")
 REQUEST_ID_METADATA = "x-request-id"
@@ -53,6 +53,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                                or metadata_value(metadata, REQUEST_ID_METADATA))
             if self._tracing:
                 info.trace_id = current_trace_id()
+                info.traceparent = current_traceparent()
             start = time.perf_counter()
             failure: BaseException | None = None
             try:
