@@ -89,3 +89,23 @@ async def test_tracing_off_installs_nothing(synthetic_server_factory) -> None:
     srv = await synthetic_server_factory(telemetry=TelemetryConfig(access_log=False))
     assert srv.handle.telemetry.interceptors() == []
     assert srv.handle.engine is srv.engine  # no wrapper around the engine
+
+
+async def test_job_attempt_is_linked_to_the_submitting_trace(synthetic_server_factory, receiver) -> None:
+    sink, endpoint = receiver
+    srv = await synthetic_server_factory(telemetry=TelemetryConfig(otlp_traces_endpoint=endpoint))
+    trace_id = secrets.token_hex(16)
+    async with AsyncClient(srv.address, timeout=20, retries=0,
+                           metadata={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}) as client:
+        job = (await client.submit("a job", max_tokens=3, ignore_eos=True)).job
+        await client.wait(job.job_id, timeout=20)
+    assert await asyncio.to_thread(srv.handle.telemetry.tracing.force_flush)
+    submit = next(s for s in sink.spans if s.name == "/tokenrelay.v1.JobsService/SubmitJob")
+    assert submit.trace_id.hex() == trace_id
+    attempt = next(s for s in sink.spans if s.name == "job attempt")
+    assert attempt.trace_id.hex() != trace_id  # its own trace (it may run much later, elsewhere) ...
+    assert [(link.trace_id.hex(), link.span_id) for link in attempt.links] == [(trace_id, submit.span_id)]
+    assert _attrs(attempt)["tokenrelay.job.id"] == job.job_id
+    completion = next(s for s in sink.spans if s.name.startswith("text_completion")
+                      and s.trace_id == attempt.trace_id)
+    assert completion.parent_span_id == attempt.span_id  # ... with the engine's spans under it
