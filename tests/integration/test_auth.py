@@ -16,7 +16,7 @@ from server.auth import AuthConfig, key_digest
 from server.security import SecurityConfig
 from server.tls import TlsConfig
 from tests.integration.certs import make_ca, make_client_cert, make_server_cert
-from tokenrelay import AsyncClient, ResourceExhaustedError, UnauthenticatedError
+from tokenrelay import AsyncClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
 
 ALICE_KEY = "tr-alice-7f3c9a1e5b"
 BOB_KEY = "tr-bob-2d8e4f6a0c"
@@ -125,6 +125,12 @@ async def test_client_certificate_names_the_tenant(synthetic_server_factory, tmp
         submitted = (await client.submit("job", max_tokens=2)).job
         listed = await client.list_jobs()
         assert [j.job_id for j in listed.jobs] == [submitted.job_id]
+    dave = make_client_cert(ca, "dave")
+    async with AsyncClient(srv.address, ca_cert=ca.cert_pem, client_cert=dave.cert_pem, client_key=dave.key_pem,
+                           server_name="tokenrelay.test", timeout=10, retries=0) as other:
+        assert list((await other.list_jobs()).jobs) == []
+        with pytest.raises(NotFoundError):
+            await other.get(submitted.job_id)
 
 
 def test_keys_file_errors_are_clear(tmp_path) -> None:

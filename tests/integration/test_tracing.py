@@ -109,3 +109,19 @@ async def test_job_attempt_is_linked_to_the_submitting_trace(synthetic_server_fa
     completion = next(s for s in sink.spans if s.name.startswith("text_completion")
                       and s.trace_id == attempt.trace_id)
     assert completion.parent_span_id == attempt.span_id  # ... with the engine's spans under it
+
+
+async def test_client_tracing_option_propagates_the_current_trace(synthetic_server_factory, receiver) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())  # the application's provider (set once per process)
+    sink, endpoint = receiver
+    srv = await synthetic_server_factory(telemetry=TelemetryConfig(otlp_traces_endpoint=endpoint))
+    with trace.get_tracer("test").start_as_current_span("caller") as caller:
+        async with AsyncClient(srv.address, timeout=20, retries=0, tracing=True) as client:
+            await client.generate("hi", max_tokens=2)
+    assert await asyncio.to_thread(srv.handle.telemetry.tracing.force_flush)
+    server_span = next(s for s in sink.spans if s.name == "/tokenrelay.v1.TextGenerationService/Generate")
+    assert server_span.trace_id == caller.get_span_context().trace_id.to_bytes(16, "big")
