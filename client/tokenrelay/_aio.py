@@ -47,7 +47,7 @@ class AsyncClient:
         self._metadata = merge_metadata(security.metadata(), metadata)
         channel_options = list(options or ()) + security.options()
         credentials = credentials if credentials is not None else security.credentials()
-        interceptors = tracing_interceptors(aio=True) if tracing else None
+        interceptors = tracing_interceptors() if tracing else None
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=channel_options,
                                                       interceptors=interceptors)

@@ -52,14 +52,27 @@ class ChannelSecurity:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
-def tracing_interceptors(aio: bool) -> Any:
-    """OpenTelemetry client interceptors (the global tracer provider; W3C traceparent sent)."""
+def _otel_grpc() -> Any:
     try:
         from opentelemetry.instrumentation import grpc as otel_grpc
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ValueError("tracing=True needs opentelemetry-instrumentation-grpc "
                          "(pip install 'tokenrelay-client[tracing]')") from exc
-    return otel_grpc.aio_client_interceptors() if aio else otel_grpc.client_interceptor()
+    return otel_grpc
+
+
+def tracing_interceptors() -> list[Any]:
+    """OpenTelemetry grpc.aio client interceptors (the global tracer provider; they send the
+    current trace as W3C traceparent)."""
+    return _otel_grpc().aio_client_interceptors()
+
+
+def traced_channel(channel: grpc.Channel) -> grpc.Channel:
+    """`channel` with OpenTelemetry's blocking client interceptor."""
+    otel_grpc = _otel_grpc()
+    from opentelemetry.instrumentation.grpc import grpcext
+
+    return grpcext.intercept_channel(channel, otel_grpc.client_interceptor())
 
 
 def add_security_arguments(group: Any) -> None:

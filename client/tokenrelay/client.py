@@ -25,7 +25,7 @@ import grpc
 from tokenrelay import _params
 from tokenrelay._aio import AsyncClient
 from tokenrelay._retry import UNSET as _UNSET
-from tokenrelay._security import ChannelSecurity, PemSource, tracing_interceptors
+from tokenrelay._security import ChannelSecurity, PemSource, traced_channel
 from tokenrelay._retry import Deadline, JobWait, Metadata, RetryPolicy, merge_metadata
 from tokenrelay._streams import GenerationStream, iterate_with_retry
 from tokenrelay.errors import TokenRelayError
@@ -69,7 +69,7 @@ class Client:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         if tracing:
-            self._channel = grpc.intercept_channel(self._channel, tracing_interceptors(aio=False))
+            self._channel = traced_channel(self._channel)
         self._generation = text_generation_pb2_grpc.TextGenerationServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsServiceStub(self._channel)
 

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from server.telemetry.config import TelemetryConfig
-from tokenrelay import AsyncClient
+from tokenrelay import AsyncClient, Client
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -122,6 +122,15 @@ async def test_client_tracing_option_propagates_the_current_trace(synthetic_serv
     with trace.get_tracer("test").start_as_current_span("caller") as caller:
         async with AsyncClient(srv.address, timeout=20, retries=0, tracing=True) as client:
             await client.generate("hi", max_tokens=2)
+
+        def blocking_call() -> None:  # the blocking Client, in a thread that carries the context
+            with Client(srv.address, timeout=20, retries=0, tracing=True) as sync_client:
+                sync_client.info()
+
+        await asyncio.to_thread(blocking_call)
     assert await asyncio.to_thread(srv.handle.telemetry.tracing.force_flush)
+    expected = caller.get_span_context().trace_id.to_bytes(16, "big")
     server_span = next(s for s in sink.spans if s.name == "/tokenrelay.v1.TextGenerationService/Generate")
-    assert server_span.trace_id == caller.get_span_context().trace_id.to_bytes(16, "big")
+    assert server_span.trace_id == expected
+    info_span = next(s for s in sink.spans if s.name == "/tokenrelay.v1.TextGenerationService/GetModelInfo")
+    assert info_span.trace_id == expected
