@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engines.base import AsyncEngine, EngineStats, ModelInfo, Request, RequestOutput
 from server import call_context
-from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:  # OpenTelemetry and prometheus-client are imported only when switched on
+    from server.telemetry.metrics import Metrics
+    from server.telemetry.tracing import Tracing
 
 
 WARMUP_PREFIX = "warmup-"  # server.app.warm_up's request ids

@@ -8,14 +8,15 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from server import call_context
 from server.interceptors import metadata_value, wrap_handler
-from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import current_trace_id, current_traceparent
+
+if TYPE_CHECKING:
+    from server.telemetry.metrics import Metrics
 
 access_log = logging.getLogger("tokenrelay.access")
 REQUEST_ID_METADATA = "x-request-id"
@@ -39,6 +40,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self._access_log = access_log_on
         self._tracing = tracing_on
+        if tracing_on:  # OpenTelemetry is imported only when tracing is on
+            from server.telemetry.tracing import current_trace_id, current_traceparent
+
+            self._trace_id, self._traceparent = current_trace_id, current_traceparent
 
     async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
@@ -52,8 +57,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             info.request_id = (getattr(params, "request_id", "") or getattr(request, "job_id", "")
                                or metadata_value(metadata, REQUEST_ID_METADATA))
             if self._tracing:
-                info.trace_id = current_trace_id()
-                info.traceparent = current_traceparent()
+                info.trace_id = self._trace_id()
+                info.traceparent = self._traceparent()
             start = time.perf_counter()
             failure: BaseException | None = None
             try:

@@ -7,7 +7,7 @@ from typing import Any
 
 from server.jobs.model import Job, WebhookDelivery
 from server.jobs.store import JobStore
-from server.telemetry.metrics import Metrics
+from server.telemetry.metrics import Metrics  # imported only with metrics on (see Telemetry)
 
 
 class InstrumentedJobStore:
