@@ -10,9 +10,12 @@ Three servers run at once, each in its own process; every round benches each of 
 - default: the access log only (the default configuration)
 - full:    access log + Prometheus metrics + OpenTelemetry tracing (every call sampled and
            exported over OTLP/gRPC to a receiver in this script)
+- sampled: as full, with --trace-sample-ratio 0.1 (one new trace in ten recorded)
 
-Reported: median output tokens/s per arm and the ratios full/default (what metrics and tracing
-cost) and default/bare (what the access log costs).
+Reported per arm: median output tokens/s, and the server process's CPU time per 1000 output
+tokens (from /proc: all its threads, span export included), which is much steadier than
+throughput on a shared machine; then the ratios full/default (what metrics and tracing cost)
+and default/bare (what the access log costs), as the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -58,7 +61,14 @@ def _start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server did not start: {' '.join(cmd)}")
 
 
-def _bench(target: str, args: argparse.Namespace, out: Path) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bench(target: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+    """(output tokens/s, output tokens) of one run."""
     cmd = [sys.executable, "-m", "server.cli", "bench", "--target", target, "--concurrency", str(args.concurrency),
            "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--warmup", "8", "--no-progress", "--json-out", str(out)]
@@ -66,7 +76,7 @@ def _bench(target: str, args: argparse.Namespace, out: Path) -> float:
     point = json.loads(out.read_text())["points"][0]
     if point["failed"]:
         raise RuntimeError(f"{point['failed']} requests failed: {point['errors']}")
-    return float(point["output_throughput"])
+    return float(point["output_throughput"]), float(point["output_throughput"]) * float(point["duration_s"])
 
 
 def main() -> int:
@@ -91,18 +101,26 @@ def main() -> int:
         "bare": [*engine, "--no-access-log"],
         "default": [*engine],
         "full": [*engine, "--metrics-port", "0", "--otlp-traces-endpoint", f"http://127.0.0.1:{otlp_port}"],
+        "sampled": [*engine, "--metrics-port", "0", "--otlp-traces-endpoint", f"http://127.0.0.1:{otlp_port}",
+                    "--trace-sample-ratio", "0.1"],
     }
     servers = {name: _start_server(flags) for name, flags in arms.items()}
     results: dict[str, list[float]] = {name: [] for name in arms}
+    cpu_per_k: dict[str, list[float]] = {name: [] for name in arms}  # server CPU seconds / 1000 tokens
     names = list(arms)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
-                    results[name].append(_bench(servers[name][1], args, Path(tmp) / f"{name}-{r}.json"))
-                print(f"round {r + 1}: " + "  ".join(f"{n} {results[n][-1]:.0f} tok/s" for n in names),
-                      flush=True)
+                    proc, target = servers[name]
+                    cpu0 = _cpu_seconds(proc.pid)
+                    rate, tokens = _bench(target, args, Path(tmp) / f"{name}-{r}.json")
+                    results[name].append(rate)
+                    cpu_per_k[name].append((_cpu_seconds(proc.pid) - cpu0) / tokens * 1000)
+                print(f"round {r + 1}: " + "  ".join(
+                    f"{n} {results[n][-1]:.0f} tok/s {cpu_per_k[n][-1] * 1000:.0f} ms-cpu/ktok" for n in names),
+                    flush=True)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
@@ -110,13 +128,21 @@ def main() -> int:
             proc.wait(timeout=60)
         otlp.stop(0)
     med = {n: statistics.median(v) for n, v in results.items()}
-    print(f"\nmedian output tokens/s over {args.rounds} rounds (concurrency {args.concurrency}, "
-          f"{args.num_requests} requests x {args.output_len} tokens, synthetic itl {args.itl_ms} ms):")
+    cpu = {n: statistics.median(v) for n, v in cpu_per_k.items()}
+    print(f"\nmedians over {args.rounds} rounds (concurrency {args.concurrency}, {args.num_requests} requests "
+          f"x {args.output_len} tokens, synthetic itl {args.itl_ms} ms):")
+    print(f"  {'arm':8s} {'tok/s':>10s} {'server ms-cpu per 1000 tokens':>32s}")
     for n in names:
-        print(f"  {n:8s} {med[n]:10.0f}")
-    print(f"full/default (metrics + tracing): {med['full'] / med['default']:.3f}")
-    print(f"default/bare (access log):        {med['default'] / med['bare']:.3f}")
-    print(f"full/bare (all telemetry):        {med['full'] / med['bare']:.3f}")
+        print(f"  {n:8s} {med[n]:10.0f} {cpu[n] * 1000:32.1f}")
+
+    def ratio(values: dict[str, list[float]], a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(values[a], values[b]))
+
+    for a, b, what in (("full", "default", "metrics + tracing"),
+                       ("sampled", "default", "metrics + tracing sampled 10 %"),
+                       ("default", "bare", "access log"), ("full", "bare", "all telemetry")):
+        print(f"{a}/{b} ({what}): throughput {ratio(results, a, b):.3f}, "
+              f"server CPU per token {ratio(cpu_per_k, a, b):.3f}")
     print(f"spans received by the OTLP receiver: {receiver.spans}")
     return 0
 

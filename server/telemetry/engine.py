@@ -1,7 +1,8 @@
 """The engine as metrics and traces see it: a thin wrapper that watches each request's outputs.
 
 Only built when metrics or tracing is on (otherwise the server holds the engine itself). Per
-output it observes the inter-token latency and counts generated tokens; on the final output,
+output it observes the inter-token latency; when the request ends, its generated tokens; on
+the final output,
 the request's timings (engine RequestMetrics), token counts and finish reason, and it ends the
 request's span. It also tells the call's CallInfo the request id and token usage, for the
 access log. Everything else is the wrapped engine's.
@@ -52,14 +53,16 @@ class InstrumentedEngine:
         span = self._tracing.request_span(request, self.engine.info().name) if self._tracing is not None else None
         final: RequestOutput | None = None
         last = 0.0
+        generated = 0
+        itl = metrics.c_itl if metrics is not None else None
         try:
             async for out in stream:
-                if metrics is not None and out.token_ids:
+                if itl is not None and out.token_ids:
                     now = time.monotonic()
                     if last:
-                        metrics.c_itl.observe(now - last)
+                        itl.observe(now - last)
                     last = now
-                    metrics.c_gen.inc(len(out.token_ids))
+                    generated += len(out.token_ids)
                 if out.finished:
                     final = out
                     if metrics is not None:
@@ -72,8 +75,10 @@ class InstrumentedEngine:
             try:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
-                if final is None and metrics is not None:
-                    metrics.observe_cancelled()
+                if metrics is not None:
+                    metrics.observe_generated(generated)
+                    if final is None:
+                        metrics.observe_cancelled()
                 if span is not None:
                     span.finish(final)
 

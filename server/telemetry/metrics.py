@@ -11,11 +11,12 @@ and tier, webhook outcome, and the tenant only with --metrics-tenant-labels.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from engines.base import EngineStats, FinishReason, RequestOutput
@@ -72,6 +73,32 @@ class _EngineCollector(Collector):
         yield c
 
 
+class LoopHistogram(Collector):
+    """A histogram observed once per output token on the event loop, so it must be cheap:
+    plain counters written by the loop thread only (no lock: a scrape reads a snapshot that may
+    be one observation behind). Exposed through prometheus-client's HistogramMetricFamily."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], model: Callable[[], str]) -> None:
+        self._name, self._doc, self._model = name, doc, model
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, self._bounds), "+Inf"], counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family = HistogramMetricFamily(self._name, self._doc, labels=["model_name"])
+        family.add_metric([self._model()], buckets, total)
+        yield family
+
+
 class Metrics:
     """Owns the registry, every metric of the server, and the /metrics HTTP server."""
 
@@ -85,7 +112,9 @@ class Metrics:
             return Histogram(PREFIX + name, doc, m, buckets=buckets, registry=r)
 
         self.ttft = hist("time_to_first_token_seconds", "Time to first token: arrival to first token.", _LATENCY)
-        self.itl = hist("inter_token_latency_seconds", "Time between successive outputs of a request.", _TOKEN_GAP)
+        self.c_itl = LoopHistogram(PREFIX + "inter_token_latency_seconds",
+                                   "Time between successive outputs of a request.", _TOKEN_GAP, lambda: self.model_name)
+        r.register(self.c_itl)
         self.tpot = hist("request_time_per_output_token_seconds", "Decode time per output token after the "
                          "first, per request.", _TOKEN_GAP)
         self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency in the engine.", _LATENCY)
@@ -121,7 +150,7 @@ class Metrics:
 
     def _bind_model(self) -> None:
         name = self.model_name
-        self.c_ttft, self.c_itl, self.c_tpot = self.ttft.labels(name), self.itl.labels(name), self.tpot.labels(name)
+        self.c_ttft, self.c_tpot = self.ttft.labels(name), self.tpot.labels(name)
         self.c_e2e, self.c_queue = self.e2e.labels(name), self.queue.labels(name)
         self.c_inference, self.c_prefill = self.inference.labels(name), self.prefill.labels(name)
         self.c_decode = self.decode.labels(name)
@@ -135,7 +164,7 @@ class Metrics:
         if model_name == self.model_name:
             return
         old, self.model_name = self.model_name, model_name
-        for metric in (self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.inference, self.prefill,
+        for metric in (self.ttft, self.tpot, self.e2e, self.queue, self.inference, self.prefill,
                        self.decode, self.prompt_tokens_hist, self.generation_tokens_hist, self.prompt_tokens,
                        self.generation_tokens):
             metric.remove(old)
@@ -174,6 +203,11 @@ class Metrics:
     def observe_cancelled(self) -> None:
         """A request whose caller went away before its final output."""
         self.c_success[FinishReason.CANCELLED].inc()
+
+    def observe_generated(self, tokens: int) -> None:
+        """Tokens one request generated (counted once, when it ends, to keep the per-token path cheap)."""
+        if tokens:
+            self.c_gen.inc(tokens)
 
     def observe_call(self, method: str, code: str, tenant: str) -> None:
         service, _, name = method.lstrip("/").partition("/")
