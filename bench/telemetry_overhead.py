@@ -52,7 +52,7 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 def _start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
-           "--port", "0", "--log-level", "WARNING", *flags]
+           "--port", "0", *flags]  # INFO: access lines are written (to /dev/null)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
