@@ -351,6 +351,14 @@ def add_output(job: Job | Progress, replica_id: str, delta: Delta, now: float) -
     return True
 
 
+def delta_persisted(job: Job | Progress, replica_id: str, delta: Delta) -> bool:
+    """`delta` is the last output persisted: a write retried after its reply was lost (the store
+    went down after committing it). The retry succeeds without writing it twice."""
+    return (owned_by(job, replica_id) and bool(delta.token_ids or delta.text)
+            and delta.offset + len(delta.token_ids) == job.completion_tokens
+            and delta.text_offset + len(delta.text) == job.text_chars)
+
+
 def finish_job(job: Job, replica_id: str | None, state: JobState, now: float, *,
                result: bytes | None = None, error: JobError | None = None) -> bool:
     """The terminal transition; with `replica_id`, only while the job runs there."""

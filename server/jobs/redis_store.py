@@ -26,11 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, add_output, claim_job, expire_job,
-    extend_lease, finish_job, record_delivery, recover_job, release_job, taken_over_by,
+    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, add_output, claim_job, delta_persisted,
+    expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job, taken_over_by,
 )
 from server.jobs.redis_queue import RedisQueue, redis_call
 from server.jobs.store import JobStore, check_idempotency
@@ -89,8 +93,12 @@ class RedisJobStore(JobStore):
     # -- lifecycle --------------------------------------------------------------------------
     @redis_call
     async def open(self) -> None:
+        # a pooled connection that died with a Redis restart is reconnected and the command
+        # retried (briefly) before the call gives up with StoreUnavailable
         self._r = aioredis.from_url(self._url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT,
-                                    socket_timeout=_SOCKET_TIMEOUT)
+                                    socket_timeout=_SOCKET_TIMEOUT,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+                                    retry_on_error=[RedisConnectionError, RedisTimeoutError])
         await self._r.ping()
         await self._q.create_groups(self._r)
 
@@ -372,8 +380,14 @@ class RedisJobStore(JobStore):
             pipe.rpush(self._deltas(job_id), json.dumps([delta.offset, delta.text_offset,
                                                          list(delta.token_ids), delta.text]))
 
+        persisted: list[bool] = []
+
+        def change(p: Progress) -> bool:
+            persisted.append(delta_persisted(p, replica_id, delta))
+            return not persisted[-1] and add_output(p, replica_id, delta, now)
+
         try:
-            return await self._mutate_progress(job_id, lambda p: add_output(p, replica_id, delta, now), push)
+            return await self._mutate_progress(job_id, change, push) or persisted[-1]
         except JobNotFound:
             return False
 
