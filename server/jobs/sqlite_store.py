@@ -21,9 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from server.jobs.changes import (
+    add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
+)
 from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, add_output, claim_job, delta_persisted,
-    expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job, retention_over,
+    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job, retention_over,
 )
 from server.jobs.store import JobStore, StoreUnavailable, check_idempotency
 
