@@ -29,6 +29,7 @@ from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequ
 from server.jobs import convert
 from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
 from server.jobs.store import JobStore, StoreUnavailable
+from server.jobs.watch import watch_job
 from server.jobs.webhooks import DeliveryAttempt, WebhookSender
 
 log = logging.getLogger(__name__)
@@ -154,43 +155,9 @@ class JobManager:
         self._spawn_webhook(ended)
         return ended
 
-    async def watch(self, job_id: str, from_offset: int) -> AsyncIterator[Transition | Delta | Job]:
-        """State changes, then output deltas from `from_offset` as they are persisted, then the
-        ended Job. Raises JobNotFound (also when the job is deleted mid-watch)."""
-        job = await self._store.get(job_id)
-        if from_offset > job.max_tokens:
-            raise InvalidRequest("from_token_offset", f"the job generates at most {job.max_tokens} tokens")
-        offset, text_pos, sent_states, first = from_offset, 0, 0, True
-        while True:
-            # the terminal state goes out after the last delta (persisted before the job ended)
-            ending = [t for t in job.history[sent_states:] if t.state.terminal]
-            for t in job.history[sent_states:]:
-                if not t.state.terminal:
-                    yield t
-            sent_states = len(job.history)
-            deltas = await self._store.read_deltas(job_id, 0 if first else offset)
-            for d in deltas:
-                end = d.offset + len(d.token_ids)
-                if first and end <= from_offset and d.token_ids:
-                    text_pos = d.text_offset + len(d.text)  # the client has this text already
-                    continue
-                if end > offset:
-                    skip = max(0, offset - d.offset)
-                    yield Delta(d.offset + skip, d.token_ids[skip:], d.text if skip == 0 else "",
-                                d.text_offset)
-                elif not d.token_ids and d.text_offset >= text_pos and d.offset >= offset:
-                    yield d
-                else:
-                    continue
-                offset, text_pos = max(offset, end), d.text_offset + len(d.text)
-            first = False
-            if job.state.terminal:
-                for t in ending:
-                    yield t
-                yield job
-                return
-            await self._store.wait_for_update(job_id, job.version, 1.0)
-            job = await self._store.get(job_id)
+    def watch(self, job_id: str, from_offset: int) -> AsyncIterator[Transition | Delta | Job]:
+        """See `server.jobs.watch.watch_job`."""
+        return watch_job(self._store, job_id, from_offset)
 
     # -- the worker side --------------------------------------------------------------------
     async def _claim_loop(self) -> None:

@@ -20,18 +20,23 @@ its queue side effects staged in the same MULTI; ended jobs get a key TTL past r
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, add_output, claim_job, expire_job,
-    extend_lease, finish_job, record_delivery, recover_job, release_job, taken_over_by,
+from server.jobs.changes import (
+    add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
+    taken_over_by,
 )
+from server.jobs.model import Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job
+from server.jobs.redis_keys import RedisKeys, decode_token, encode_token, load_job
 from server.jobs.redis_queue import RedisQueue, redis_call
 from server.jobs.store import JobStore, check_idempotency
 
@@ -41,44 +46,12 @@ _SOCKET_TIMEOUT = 15.0  # seconds; above the longest XREAD BLOCK a watcher issue
 Extra = Callable[[Any, Job, str | None], None]
 
 
-def _load(doc: str, progress: str | None) -> Job:
-    job = Job.from_dict(json.loads(doc))
-    if progress is not None:  # absent in hashes written before progress was kept apart
-        job.apply(Progress.from_list(json.loads(progress)))
-    return job
-
-
 class RedisJobStore(JobStore):
     def __init__(self, url: str, *, prefix: str = "tr") -> None:
         self._url = url
-        self._p = prefix
+        self._k = RedisKeys(prefix)
         self._r: aioredis.Redis | None = None
         self._q = RedisQueue(prefix)
-
-    # -- keys -------------------------------------------------------------------------------
-    def _job(self, job_id: str) -> str:
-        return f"{self._p}:job:{job_id}"
-
-    def _deltas(self, job_id: str) -> str:
-        return f"{self._p}:deltas:{job_id}"
-
-    def _ev(self, job_id: str) -> str:
-        return f"{self._p}:ev:{job_id}"
-
-    def _idem(self, key: str) -> str:
-        return f"{self._p}:idem:{key}"
-
-    @property
-    def _index(self) -> str:
-        return f"{self._p}:index"
-
-    @property
-    def _qdeadline(self) -> str:
-        return f"{self._p}:qdeadline"
-
-    @property
-    def _deleteat(self) -> str:
-        return f"{self._p}:deleteat"
 
     @property
     def r(self) -> aioredis.Redis:
@@ -89,8 +62,12 @@ class RedisJobStore(JobStore):
     # -- lifecycle --------------------------------------------------------------------------
     @redis_call
     async def open(self) -> None:
+        # a pooled connection that died with a Redis restart is reconnected and the command
+        # retried (briefly) before the call gives up with StoreUnavailable
         self._r = aioredis.from_url(self._url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT,
-                                    socket_timeout=_SOCKET_TIMEOUT)
+                                    socket_timeout=_SOCKET_TIMEOUT,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+                                    retry_on_error=[RedisConnectionError, RedisTimeoutError])
         await self._r.ping()
         await self._q.create_groups(self._r)
 
@@ -107,25 +84,25 @@ class RedisJobStore(JobStore):
     # -- the one write path -----------------------------------------------------------------
     def _stage_save(self, pipe: Any, job: Job, before: Job, entry: str | None) -> None:
         """Queue the commands that persist `job` (changed from `before`) inside a MULTI."""
-        key = self._job(job.job_id)
+        key = self._k.job(job.job_id)
         pipe.hset(key, mapping=self._fields(job))
         if job.version > before.version:
-            pipe.xadd(self._ev(job.job_id), {"v": str(job.version)}, id=f"{job.version}-0", maxlen=32,
+            pipe.xadd(self._k.ev(job.job_id), {"v": str(job.version)}, id=f"{job.version}-0", maxlen=32,
                       approximate=True)
         if job.state is not before.state and job.state is not JobState.RUNNING:
             if entry:  # the claimed queue entry is done with
                 self._q.stage_ack(pipe, entry)
                 pipe.hdel(key, "entry")
         if job.state.terminal and not before.state.terminal:
-            pipe.zrem(self._qdeadline, job.job_id)
+            pipe.zrem(self._k.qdeadline, job.job_id)
             delete_time = job.delete_time
             if delete_time is not None:
-                pipe.zadd(self._deleteat, {job.job_id: delete_time})
+                pipe.zadd(self._k.deleteat, {job.job_id: delete_time})
                 ttl = int(job.retention) + _TTL_MARGIN
-                for k in (key, self._deltas(job.job_id), self._ev(job.job_id)):
+                for k in (key, self._k.deltas(job.job_id), self._k.ev(job.job_id)):
                     pipe.expire(k, ttl)
                 if job.idempotency_key:
-                    pipe.expire(self._idem(job.idempotency_scope), ttl)
+                    pipe.expire(self._k.idem(job.idempotency_scope), ttl)
         elif job.state is JobState.QUEUED and before.state is not JobState.QUEUED:
             self._q.stage_push(pipe, job.tier, job.job_id)  # re-queued: a fresh entry
 
@@ -136,7 +113,7 @@ class RedisJobStore(JobStore):
 
     async def _mutate(self, job_id: str, fn: Callable[[Job], Any], extra: Extra | None = None) -> tuple[Job, Any]:
         """WATCH the job, change it with `fn` (False/None: write nothing), MULTI/EXEC; retried on conflict."""
-        key = self._job(job_id)
+        key = self._k.job(job_id)
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -144,8 +121,8 @@ class RedisJobStore(JobStore):
                     doc, entry, progress = await pipe.hmget(key, ["doc", "entry", "progress"])
                     if doc is None:
                         raise JobNotFound(job_id)
-                    before = _load(doc, progress)
-                    job = _load(doc, progress)
+                    before = load_job(doc, progress)
+                    job = load_job(doc, progress)
                     out = fn(job)
                     if out is False or out is None:
                         await pipe.unwatch()
@@ -163,7 +140,7 @@ class RedisJobStore(JobStore):
                                extra: Callable[[Any, str | None], None] | None = None) -> bool:
         """Like _mutate for a change of the job's Progress only: the document is neither read
         nor written (a delta or a heartbeat costs a few small fields, whatever the params)."""
-        key = self._job(job_id)
+        key = self._k.job(job_id)
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -183,7 +160,7 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.hset(key, "progress", json.dumps(p.to_list()))
                     if p.version > version:
-                        pipe.xadd(self._ev(job_id), {"v": str(p.version)}, id=f"{p.version}-0", maxlen=32,
+                        pipe.xadd(self._k.ev(job_id), {"v": str(p.version)}, id=f"{p.version}-0", maxlen=32,
                                   approximate=True)
                     if extra is not None:
                         extra(pipe, entry)
@@ -195,7 +172,7 @@ class RedisJobStore(JobStore):
     # -- the API side -----------------------------------------------------------------------
     @redis_call
     async def create(self, job: Job) -> tuple[Job, bool]:
-        idem = self._idem(job.idempotency_scope) if job.idempotency_key else None
+        idem = self._k.idem(job.idempotency_scope) if job.idempotency_key else None
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -203,19 +180,19 @@ class RedisJobStore(JobStore):
                         await pipe.watch(idem)
                         existing_id = await pipe.get(idem)
                         if existing_id is not None:
-                            doc, progress = await self.r.hmget(self._job(existing_id), ["doc", "progress"])
+                            doc, progress = await self.r.hmget(self._k.job(existing_id), ["doc", "progress"])
                             if doc is not None:
                                 await pipe.unwatch()
-                                existing = _load(doc, progress)
+                                existing = load_job(doc, progress)
                                 check_idempotency(existing, job)
                                 return existing, False
                     pipe.multi()
                     if idem is not None:
                         pipe.set(idem, job.job_id)
-                    pipe.hset(self._job(job.job_id), mapping=self._fields(job))
-                    pipe.zadd(self._index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
+                    pipe.hset(self._k.job(job.job_id), mapping=self._fields(job))
+                    pipe.zadd(self._k.index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
                     if job.queue_deadline is not None:
-                        pipe.zadd(self._qdeadline, {job.job_id: job.queue_deadline})
+                        pipe.zadd(self._k.qdeadline, {job.job_id: job.queue_deadline})
                     self._q.stage_push(pipe, job.tier, job.job_id)
                     await pipe.execute()
                     return job, True
@@ -224,61 +201,61 @@ class RedisJobStore(JobStore):
 
     @redis_call
     async def get(self, job_id: str) -> Job:
-        doc, progress = await self.r.hmget(self._job(job_id), ["doc", "progress"])
+        doc, progress = await self.r.hmget(self._k.job(job_id), ["doc", "progress"])
         if doc is None:
             raise JobNotFound(job_id)
-        return _load(doc, progress)
+        return load_job(doc, progress)
 
     @redis_call
     async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
                    tenant: str | None = None) -> tuple[list[Job], str]:
-        start = "-" if not page_token else "(" + _decode_token(page_token)
+        start = "-" if not page_token else "(" + decode_token(page_token)
         found: list[tuple[str, Job]] = []
         chunk = max(page_size * 2, 50)
         while len(found) <= page_size:
-            members = await self.r.zrangebylex(self._index, start, "+", start=0, num=chunk)
+            members = await self.r.zrangebylex(self._k.index, start, "+", start=0, num=chunk)
             if not members:
                 break
             async with self.r.pipeline(transaction=False) as pipe:
                 for m in members:
-                    pipe.hmget(self._job(m.split(":", 1)[1]), ["doc", "progress"])
+                    pipe.hmget(self._k.job(m.split(":", 1)[1]), ["doc", "progress"])
                 docs = await pipe.execute()
             missing = [m for m, (d, _) in zip(members, docs) if d is None]
             if missing:
-                await self.r.zrem(self._index, *missing)
+                await self.r.zrem(self._k.index, *missing)
             for m, (d, progress) in zip(members, docs):
                 if d is None:
                     continue
-                job = _load(d, progress)
+                job = load_job(d, progress)
                 if (not states or job.state in states) and (tenant is None or job.tenant == tenant):
                     found.append((m, job))
             start = "(" + members[-1]
             if len(members) < chunk:
                 break
         page = found[:page_size]
-        token = _encode_token(page[-1][0]) if len(found) > page_size else ""
+        token = encode_token(page[-1][0]) if len(found) > page_size else ""
         return [j for _, j in page], token
 
     @redis_call
     async def delete(self, job_id: str) -> None:
         job = await self.get(job_id)
-        entry = await self.r.hget(self._job(job_id), "entry")
+        entry = await self.r.hget(self._k.job(job_id), "entry")
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self._job(job_id), self._deltas(job_id))
-            pipe.xadd(self._ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
-            pipe.expire(self._ev(job_id), 60)
+            pipe.delete(self._k.job(job_id), self._k.deltas(job_id))
+            pipe.xadd(self._k.ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
+            pipe.expire(self._k.ev(job_id), 60)
             if job.idempotency_key:
-                pipe.delete(self._idem(job.idempotency_scope))
-            pipe.zrem(self._index, f"{int(job.create_time * 1e9):020d}:{job_id}")
-            pipe.zrem(self._qdeadline, job_id)
-            pipe.zrem(self._deleteat, job_id)
+                pipe.delete(self._k.idem(job.idempotency_scope))
+            pipe.zrem(self._k.index, f"{int(job.create_time * 1e9):020d}:{job_id}")
+            pipe.zrem(self._k.qdeadline, job_id)
+            pipe.zrem(self._k.deleteat, job_id)
             if entry:
                 self._q.stage_ack(pipe, entry)
             await pipe.execute()
 
     @redis_call
     async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
-        raw = await self.r.lrange(self._deltas(job_id), 0, -1)
+        raw = await self.r.lrange(self._k.deltas(job_id), 0, -1)
         out = []
         for item in raw:
             o, to, ids, text = json.loads(item)
@@ -288,7 +265,7 @@ class RedisJobStore(JobStore):
 
     @redis_call
     async def wait_for_update(self, job_id: str, version: int, timeout: float) -> None:
-        await self.r.xread({self._ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
+        await self.r.xread({self._k.ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
 
     # -- the worker side --------------------------------------------------------------------
     @redis_call
@@ -314,8 +291,8 @@ class RedisJobStore(JobStore):
 
         def staged(pipe: Any, job: Job, old_entry: str | None) -> None:
             if job.state is JobState.RUNNING:
-                pipe.hset(self._job(job.job_id), "entry", entry)
-                pipe.zrem(self._qdeadline, job.job_id)
+                pipe.hset(self._k.job(job.job_id), "entry", entry)
+                pipe.zrem(self._k.qdeadline, job.job_id)
                 if old_entry and old_entry != entry:
                     self._q.stage_ack(pipe, old_entry)
             else:
@@ -329,7 +306,7 @@ class RedisJobStore(JobStore):
         if verdict == "run":
             return job
         if verdict is False:
-            state = await self.r.hget(self._job(job_id), "state")
+            state = await self.r.hget(self._k.job(job_id), "state")
             if state is None or JobState(state).terminal:
                 await self._q.ack(self.r, entry)
         return None
@@ -351,7 +328,7 @@ class RedisJobStore(JobStore):
             if done:
                 count += 1
                 continue
-            state = await self.r.hget(self._job(job_id), "state") if job_id else None
+            state = await self.r.hget(self._k.job(job_id), "state") if job_id else None
             if state is None or JobState(state).terminal:
                 await self._q.ack(self.r, entry)
         return count
@@ -370,11 +347,17 @@ class RedisJobStore(JobStore):
     @redis_call
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def push(pipe: Any, entry: str | None) -> None:
-            pipe.rpush(self._deltas(job_id), json.dumps([delta.offset, delta.text_offset,
+            pipe.rpush(self._k.deltas(job_id), json.dumps([delta.offset, delta.text_offset,
                                                          list(delta.token_ids), delta.text]))
 
+        persisted: list[bool] = []
+
+        def change(p: Progress) -> bool:
+            persisted.append(delta_persisted(p, replica_id, delta))
+            return not persisted[-1] and add_output(p, replica_id, delta, now)
+
         try:
-            return await self._mutate_progress(job_id, lambda p: add_output(p, replica_id, delta, now), push)
+            return await self._mutate_progress(job_id, change, push) or persisted[-1]
         except JobNotFound:
             return False
 
@@ -407,35 +390,22 @@ class RedisJobStore(JobStore):
     @redis_call
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         expired: list[Job] = []
-        for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):
+        for job_id in await self.r.zrangebyscore(self._k.qdeadline, "-inf", now):
             try:
                 job, done = await self._mutate(job_id, lambda job: expire_job(job, now))
             except JobNotFound:
-                await self.r.zrem(self._qdeadline, job_id)
+                await self.r.zrem(self._k.qdeadline, job_id)
                 continue
             if done:
                 expired.append(job)
             else:
-                await self.r.zrem(self._qdeadline, job_id)  # started or ended: no longer queued
+                await self.r.zrem(self._k.qdeadline, job_id)  # started or ended: no longer queued
         deleted = 0
-        for job_id in await self.r.zrangebyscore(self._deleteat, "-inf", now):
+        for job_id in await self.r.zrangebyscore(self._k.deleteat, "-inf", now):
             try:
                 await self.delete(job_id)
                 deleted += 1
             except JobNotFound:
-                await self.r.zrem(self._deleteat, job_id)
+                await self.r.zrem(self._k.deleteat, job_id)
         return expired, deleted
 
-
-def _encode_token(member: str) -> str:
-    return base64.urlsafe_b64encode(f"r:{member}".encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("page_token is not one this server issued") from exc
-    if not raw.startswith("r:"):
-        raise ValueError("page_token is not one this server issued")
-    return raw[2:]

@@ -21,9 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from server.jobs.changes import (
+    add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
+)
 from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, add_output, claim_job, expire_job, extend_lease,
-    finish_job, record_delivery, recover_job, release_job, retention_over,
+    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job, retention_over,
 )
 from server.jobs.store import JobStore, StoreUnavailable, check_idempotency
 
@@ -301,6 +303,8 @@ class SqliteJobStore(JobStore):
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
             p = self._load_progress(conn, job_id)
+            if p is not None and delta_persisted(p, replica_id, delta):
+                return True  # a retried write that did commit
             if p is None or not add_output(p, replica_id, delta, now):
                 return False
             conn.execute("INSERT INTO deltas (job_id, token_offset, text_offset, token_ids, text) VALUES (?, ?, ?, ?, ?)",

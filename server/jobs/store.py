@@ -78,7 +78,8 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         """Persists one delta of a running job owned by `replica_id`; False (nothing written)
-        when the job is not ours any more or the offsets do not continue the persisted output."""
+        when the job is not ours any more or the offsets do not continue the persisted output.
+        Idempotent for the last delta: a retry after a lost reply returns True, writing nothing."""
 
     @abc.abstractmethod
     async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,

@@ -96,10 +96,8 @@ async def test_submit_is_refused_once_the_engine_is_dead(tmp_path: Path) -> None
         await asyncio.wait_for(handle.stop(0), 30)
 
 
-torch_engine = pytest.importorskip("engines.torch.engine")
-
-
 async def test_jobs_submitted_during_torch_start_up_are_accepted_and_run(tmp_path: Path) -> None:
+    torch_engine = pytest.importorskip("engines.torch.engine")
     from engines.config import TorchEngineConfig
     from engines.torch.runner import ModelRunner
 

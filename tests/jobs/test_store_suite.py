@@ -75,10 +75,13 @@ async def test_output_deltas_are_ordered_owned_and_not_duplicated(store: JobStor
     job = await store.claim("r1", 30.0, NOW)
     assert job is not None
     assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
-    # a replay of the same delta (offsets no longer match) writes nothing
-    assert not await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
+    # a retry of the last delta (its reply was lost) succeeds and writes nothing
+    assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
     assert not await store.append_output(job.job_id, "r2", Delta(2, (7,), " c", 4), NOW)
+    assert not await store.append_output(job.job_id, "r2", Delta(0, (5, 6), " a b", 0), NOW)  # not its job
     assert await store.append_output(job.job_id, "r1", Delta(2, (7,), " c", 4), NOW)
+    # an older delta does not continue the output: refused
+    assert not await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
     assert await store.append_output(job.job_id, "r1", Delta(3, (8, 9), " d e", 6), NOW)
     got = await store.get(job.job_id)
     assert got.completion_tokens == 5 and got.text_chars == 10

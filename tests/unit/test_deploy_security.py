@@ -22,7 +22,7 @@ def test_manifest_matches_the_server_flags() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     known = {env_name(a) for a in serve_flags(parser)}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert set(env) <= known, set(env) - known
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(env["TOKENRELAY_HEALTH_PORT"]) == ports["health"]
