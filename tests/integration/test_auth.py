@@ -150,3 +150,20 @@ def test_keys_file_errors_are_clear(tmp_path) -> None:
     assert keys.tenant_for(ALICE_KEY) == "alice" and keys.tenant_for(BOB_KEY) == "bob"
     assert keys.tenant_for("nope") is None and keys.tenant_for("") is None
     assert keys.limits_for("bob").max_queued_jobs == 3 and keys.limits_for("alice").max_queued_jobs == 0
+
+
+async def test_metrics_tenant_labels_when_enabled(synthetic_server_factory, keys_file) -> None:
+    from server.telemetry.config import TelemetryConfig
+    from tests.integration.test_metrics import scrape, value
+
+    srv = await synthetic_server_factory(security=_auth(keys_file),
+                                         telemetry=TelemetryConfig(metrics_port=0, metrics_tenant_labels=True))
+    async with AsyncClient(srv.address, timeout=10, retries=0, api_key=BOB_KEY) as bob:
+        await bob.generate("hi", max_tokens=2)
+    async with AsyncClient(srv.address, timeout=10, retries=0) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            await anonymous.info()
+    m = await asyncio.to_thread(scrape, srv.handle.telemetry.metrics_port)
+    assert value(m, "tokenrelay:grpc_server_handled_total", grpc_method="Generate", tenant="bob", grpc_code="OK") == 1
+    assert value(m, "tokenrelay:grpc_server_handled_total", grpc_method="GetModelInfo", tenant="",
+                 grpc_code="UNAUTHENTICATED") == 1
