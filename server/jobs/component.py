@@ -139,5 +139,8 @@ class JobsComponent:
                 up, why = True, ""
             except (StoreUnavailable, TimeoutError) as exc:
                 up, why = False, f"jobs store unavailable: {exc or type(exc).__name__}"
+            except Exception as exc:  # noqa: BLE001 - a store that cannot answer a ping is not ready
+                log.exception("jobs store ping failed")
+                up, why = False, f"jobs store ping failed: {type(exc).__name__}"
             await self._health.set_service_available(JOBS_SERVICE, up, why)
             await asyncio.sleep(interval)  # a probe period, not a synchronisation

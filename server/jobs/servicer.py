@@ -107,12 +107,16 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
         async with _status(context):
             await self._admit(context)
             sent = _header_request_id(request, context)
-            job = await asyncio.to_thread(  # tokenizes: off the event loop
-                convert.job_from_submit, sent, config=self._config, info=self._engine.info(),
-                tokenize=self._engine.tokenize, check_webhook=self._check_webhook, now=time.time())
-            # idempotency compares what the client sent in the body: a retry with a fresh
-            # x-request-id header is still the same request
-            job.fingerprint = convert.fingerprint(request)
+            info, now = self._engine.info(), time.time()
+
+            def build() -> Job:  # tokenizes and hashes the request: off the event loop
+                job = convert.job_from_submit(sent, config=self._config, info=info, tokenize=self._engine.tokenize,
+                                              check_webhook=self._check_webhook, now=now)
+                if sent is not request:  # idempotency compares the body the client sent: a retry
+                    job.fingerprint = convert.fingerprint(request)  # with a fresh x-request-id is the same
+                return job
+
+            job = await asyncio.to_thread(build)
             caller = call_context.current()
             if caller is not None:  # the job belongs to the caller's tenant; attempts link to its trace
                 job.tenant, job.trace_parent = caller.tenant, caller.traceparent

@@ -68,8 +68,9 @@ CREATE TABLE IF NOT EXISTS job_progress (
 ) WITHOUT ROWID;
 -- files written before job_progress existed: their documents are up to date
 INSERT OR IGNORE INTO job_progress
-    SELECT job_id, state, owner, lease_until, json_extract(doc, '$.completion_tokens'),
-           json_extract(doc, '$.text_chars'), json_extract(doc, '$.update_time'), version FROM jobs
+    SELECT job_id, json_extract(doc, '$.state'), json_extract(doc, '$.owner'), json_extract(doc, '$.lease_until'),
+           json_extract(doc, '$.completion_tokens'), json_extract(doc, '$.text_chars'),
+           json_extract(doc, '$.update_time'), json_extract(doc, '$.version') FROM jobs
     WHERE job_id NOT IN (SELECT job_id FROM job_progress);
 """
 _PROGRESS = "p.state, p.owner, p.lease_until, p.completion_tokens, p.text_chars, p.update_time, p.version"

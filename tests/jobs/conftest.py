@@ -71,7 +71,7 @@ class StoreFactory:
         self.kind = kind
         self._path = tmp_path / "jobs.db"
         self._redis_url = redis_url
-        self._prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
         self.opened: list[JobStore] = []
 
     async def open(self) -> JobStore:
@@ -79,7 +79,7 @@ class StoreFactory:
             store: JobStore = SqliteJobStore(str(self._path), notify_poll=0.2)
         else:
             assert self._redis_url is not None
-            store = RedisJobStore(self._redis_url, prefix=self._prefix)
+            store = RedisJobStore(self._redis_url, prefix=self.prefix)
         await store.open()
         self.opened.append(store)
         return store

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -350,3 +351,31 @@ async def test_a_delta_does_not_rewrite_the_job_document(store: JobStore, stores
     done = await store.finish(job.job_id, "r1", JobState.SUCCEEDED, NOW + 2, result=b"r")
     assert done is not None and done.completion_tokens == n and done.state is JobState.SUCCEEDED
     assert (await store.get(job.job_id)).completion_tokens == n
+
+
+async def test_jobs_stored_before_progress_was_kept_apart_still_load(stores: StoreFactory) -> None:
+    """A store written by an older version has the progress only in the job document."""
+    store = await stores.open()
+    await store.create(make_job())
+    job = await store.claim("r1", 30.0, NOW)
+    assert job is not None
+    assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW + 1)
+    full = await store.get(job.job_id)
+    if stores.kind == "sqlite":  # the older file: the document up to date, no progress row
+        import sqlite3
+
+        await store.close()
+        stores.opened.remove(store)
+        with sqlite3.connect(stores.url[len("sqlite://"):]) as conn:
+            conn.execute("UPDATE jobs SET doc = ? WHERE job_id = ?", (json.dumps(full.to_dict()), job.job_id))
+            conn.execute("DELETE FROM job_progress")
+        store = await stores.open()
+    else:  # the older hash: no progress field
+        await store.r.hset(f"{stores.prefix}:job:{job.job_id}", "doc", json.dumps(full.to_dict()))
+        await store.r.hdel(f"{stores.prefix}:job:{job.job_id}", "progress")
+    got = await store.get(job.job_id)
+    assert got.to_dict() == full.to_dict()
+    assert await store.append_output(job.job_id, "r1", Delta(2, (7,), " c", 4), NOW + 2)
+    assert await store.heartbeat(job.job_id, "r1", 30.0, NOW + 3)
+    got = await store.get(job.job_id)
+    assert got.completion_tokens == 3 and got.text_chars == 6 and got.lease_until == NOW + 33
