@@ -24,6 +24,9 @@ from server.admission import AdmissionController
 from server.config import ServerConfig
 from server.health import ServingState, watch_engine
 from server.jobs.component import JobsComponent
+from server.jobs.store import open_store
+from server.security import Security
+from server.telemetry import Telemetry
 from server.text_generation import TextGenerationServiceServicer
 
 log = logging.getLogger(__name__)
@@ -55,13 +58,17 @@ async def warm_up(engine: AsyncEngine) -> None:
         raise RuntimeError(f"warm-up generation failed: {final.error if final else 'no final output'}")
 
 
-def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingState) -> JobsComponent | None:
+def _jobs_component(engine: AsyncEngine, config: ServerConfig, state: ServingState,
+                    telemetry: Telemetry) -> JobsComponent | None:
     # ---- JOBS SERVICE WIRING: the one place the Jobs servicer is chosen. ------------------
     # With config.jobs (server.main sets it) the durable jobs component serves the Jobs API;
     # without it the base servicer answers UNIMPLEMENTED.
     if config.jobs is None:
         return None
-    return JobsComponent(config.jobs, engine, draining=lambda: state.draining, limits=config.limits)
+    store = telemetry.instrument_store(open_store(config.jobs.store_url)) if telemetry.metrics else None
+    return JobsComponent(config.jobs, engine, store=store, health=state,
+                         attempt_context=telemetry.job_attempt_context if telemetry.tracing else None,
+                         limits=config.limits)
 
 
 @dataclass(slots=True, eq=False)
@@ -74,6 +81,8 @@ class ServerHandle:
     config: ServerConfig
     startup: asyncio.Task | None = None  # engine.start + warm-up; set by start_server
     jobs: JobsComponent | None = None  # claims jobs once the engine is ready
+    security: Security | None = None  # TLS, auth, tenants, the health-only port
+    telemetry: Telemetry | None = None  # metrics, traces, access log
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stopped: bool = False
 
@@ -111,6 +120,8 @@ class ServerHandle:
         self._stopped = True
         await self.health.set_draining()
         await self._stop_server(grace)
+        if self.security is not None:
+            await self.security.stop()
         if self.jobs is not None:
             await self.jobs.stop()  # stop claiming; running jobs finish or go back to the queue
         for task in (self.startup, *self._tasks):
@@ -120,6 +131,8 @@ class ServerHandle:
             with contextlib.suppress(BaseException):
                 await task
         await self.engine.shutdown()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.stop)  # flushes spans: blocking network I/O
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -158,10 +171,14 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
     state = ServingState()
     await state.initialize()
     admission = AdmissionController(config.admission)
-    server = grpc.aio.server(options=config.grpc.channel_options())
+    security = Security(config.security, retry_after_ms=config.admission.retry_after_ms)
+    telemetry = Telemetry(config.telemetry)
+    engine = telemetry.instrument_engine(engine)  # the engine itself unless metrics or tracing is on
+    server = grpc.aio.server(interceptors=telemetry.interceptors() + security.interceptors() or None,
+                             options=config.grpc.channel_options())
     text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(
         TextGenerationServiceServicer(engine, state, admission, config.limits), server)
-    jobs = _jobs_component(engine, config, state)
+    jobs = _jobs_component(engine, config, state, telemetry)
     if jobs is None:
         jobs_pb2_grpc.add_JobsServiceServicer_to_server(jobs_pb2_grpc.JobsServiceServicer(), server)
     else:
@@ -174,12 +191,19 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ), server)
-    port = server.add_insecure_port(_bind_address(config.host, config.port))
+    port = security.add_serving_port(server, _bind_address(config.host, config.port))
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
+    try:
+        await security.start_health_port(state.servicer, config.host)
+        telemetry.start(config.host, engine)
+    except BaseException:
+        await security.stop()
+        telemetry.stop()
+        raise
     await server.start()
     handle = ServerHandle(server=server, port=port, engine=engine, health=state, admission=admission,
-                          config=config, jobs=jobs)
+                          config=config, jobs=jobs, security=security, telemetry=telemetry)
     handle.startup = asyncio.create_task(_start_up(handle), name="tokenrelay-startup")
     if wait_ready:
         try:

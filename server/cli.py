@@ -34,6 +34,7 @@ from tokenrelay._cli_args import (
     key_value,
     prompt_from_args,
 )
+from tokenrelay._security import add_security_arguments, security_from_args
 from tokenrelay.v1 import generation_pb2, jobs_pb2, text_generation_pb2
 
 DEFAULT_TARGET = "localhost:50051"
@@ -56,8 +57,7 @@ def _connection_parent() -> argparse.ArgumentParser:
     group.add_argument("--metadata", action="append", type=key_value, default=[],
                        metavar="KEY=VALUE", help="extra request metadata, repeatable "
                        "(e.g. authorization='Bearer TOKEN')")
-    group.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    group.add_argument("--ca-cert", default=None, help="PEM file of root certificates (implies --tls)")
+    add_security_arguments(group)
     return parent
 
 
@@ -72,15 +72,9 @@ def _print_json(message: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    credentials = None
-    if args.tls or args.ca_cert:
-        roots = None
-        if args.ca_cert:
-            with open(args.ca_cert, "rb") as handle:
-                roots = handle.read()
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-    return Client(args.target, timeout=args.timeout, retries=args.retries,
-                  metadata=args.metadata, credentials=credentials)
+    security = security_from_args(args)
+    return Client(args.target, timeout=args.timeout, retries=args.retries, metadata=args.metadata,
+                  credentials=security.credentials(), options=security.options(), api_key=security.api_key)
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from engines.config import TorchEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.jobs.model import JobsConfig
 from server.limits import InputLimits
+from server.security import SecurityConfig
+from server.telemetry.config import TelemetryConfig
 
 ENGINES = ("torch", "synthetic")
 
@@ -89,6 +91,8 @@ class ServerConfig:
     limits: InputLimits = field(default_factory=InputLimits)
     log_level: str = "INFO"
     jobs: JobsConfig | None = None  # durable jobs; None: the Jobs API answers UNIMPLEMENTED
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, auth, tenants, health port
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # metrics, traces, logs
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

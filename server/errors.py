@@ -68,6 +68,7 @@ class AdmissionRejected(ServerError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.reason = reason
+        self.metadata: dict[str, str] = {}  # ErrorInfo metadata (e.g. the tenant and its quota)
 
 
 class ServerDraining(ServerError):
@@ -148,7 +149,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(max(0, round(exc.retry_after_s * 1000)))
         _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
-        _pack(status, _error_info(exc.reason))
+        _pack(status, _error_info(exc.reason, **exc.metadata))
     elif isinstance(exc, ServerDraining):
         _pack(status, _error_info("DRAINING"))
     elif isinstance(exc, NotReady):

@@ -42,13 +42,27 @@ class ServingState:
         self.phase = Phase.STARTING
         self.dead_reason: str | None = None
         self.dead = asyncio.Event()  # set once the engine died: the process should exit
+        self.unavailable: dict[str, str] = {}  # readiness service -> why it cannot serve now
 
     async def _publish(self) -> None:
         live = _NOT_SERVING if self.phase is Phase.DEAD else _SERVING
-        ready = _SERVING if self.phase is Phase.SERVING else _NOT_SERVING
         await self.servicer.set("", live)
         for name in READINESS_SERVICES:
-            await self.servicer.set(name, ready)
+            ready = self.phase is Phase.SERVING and name not in self.unavailable
+            await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
+
+    async def set_service_available(self, service: str, available: bool, reason: str = "") -> None:
+        """One service's own dependency (the jobs store) went down or came back: that service's
+        readiness is NOT_SERVING while it is down, whatever the phase."""
+        if available == (service not in self.unavailable):
+            return
+        if available:
+            del self.unavailable[service]
+            log.info("%s is available again", service)
+        else:
+            self.unavailable[service] = reason
+            log.warning("%s is unavailable: %s", service, reason)
+        await self._publish()
 
     async def initialize(self) -> None:
         await self._publish()

@@ -26,6 +26,9 @@ from server.app import ServerHandle, start_server
 from server.config import ENGINES, AdmissionConfig, GrpcServerOptions, ServerConfig
 from server.jobs.component import add_jobs_arguments, jobs_config_from_args
 from server.limits import InputLimits
+from server.logs import configure_logging
+from server.security import add_security_arguments, security_config_from_args
+from server.telemetry.config import add_telemetry_arguments, telemetry_config_from_args
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -117,6 +120,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-itl-ms", float, 5.0, "synthetic engine: then one token every this many ms")
     add("--synthetic-eos-rate", float, 0.0, "synthetic engine: chance per token of end-of-sequence")
     add_jobs_arguments(parser)
+    add_security_arguments(parser)
+    add_telemetry_arguments(parser)
     apply_env_defaults(parser)
 
 
@@ -185,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         engine_death_grace_seconds=args.engine_death_grace_seconds,
                         grpc=_dataclass_from_args(GrpcServerOptions, args),
                         limits=_dataclass_from_args(InputLimits, args),
-                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args))
+                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args),
+                        security=security_config_from_args(args), telemetry=telemetry_config_from_args(args))
 
 
 EXIT_STARTUP_FAILED = 1
@@ -222,12 +228,17 @@ async def _serve_until_stopped(config: ServerConfig, engine: AsyncEngine | None,
                                force: asyncio.Event, on_ready: Callable[[ServerHandle], None] | None) -> int:
     try:
         handle: ServerHandle = await start_server(config, engine, wait_ready=False)
-    except (OSError, RuntimeError, ImportError) as exc:
+    except (OSError, RuntimeError, ImportError, ValueError) as exc:
         log.error("could not start the server on %s:%d: %s", config.host, config.port, exc)
         return EXIT_STARTUP_FAILED
+    loop = asyncio.get_running_loop()
+    if handle.security is not None:  # SIGHUP: reload TLS certificates and API keys
+        loop.add_signal_handler(signal.SIGHUP, handle.security.reload)
     try:
         return await _until_stopped(config, handle, stop, force, on_ready)
     finally:
+        if handle.security is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         await handle.stop(0)  # idempotent; also when cancelled
 
 
@@ -272,9 +283,7 @@ async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: async
 
 def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.telemetry.log_format)
     return asyncio.run(serve(config))
 
 

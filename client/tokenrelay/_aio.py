@@ -13,6 +13,7 @@ import grpc.aio
 
 from tokenrelay import _params
 from tokenrelay._retry import UNSET as _UNSET
+from tokenrelay._security import ChannelSecurity, PemSource, tracing_interceptors
 from tokenrelay._retry import Deadline, JobWait, Metadata, RetryPolicy, merge_metadata
 from tokenrelay._streams import AsyncGenerationStream, aiterate_with_retry
 from tokenrelay.errors import TokenRelayError
@@ -32,18 +33,27 @@ class AsyncClient:
     def __init__(self, target: str, *, timeout: float | None = None, retries: int = 3,
                  metadata: Metadata | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+                 options: Sequence[tuple[str, Any]] | None = None,
+                 tls: bool = False, ca_cert: PemSource = None, client_cert: PemSource = None,
+                 client_key: PemSource = None, server_name: str | None = None,
+                 api_key: str | None = None, tracing: bool = False) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be > 0 seconds or None")
         self.target = target
         self.timeout = timeout
         self._retry = RetryPolicy(retries=retries)
-        self._metadata = merge_metadata((), metadata)
-        channel_options = list(options or ())
+        security = ChannelSecurity(tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+                                   server_name=server_name, api_key=api_key)
+        self._metadata = merge_metadata(security.metadata(), metadata)
+        channel_options = list(options or ()) + security.options()
+        credentials = credentials if credentials is not None else security.credentials()
+        interceptors = tracing_interceptors() if tracing else None
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options,
+                                                      interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options,
+                                                    interceptors=interceptors)
         self._generation = text_generation_pb2_grpc.TextGenerationServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsServiceStub(self._channel)
 

@@ -25,6 +25,7 @@ import grpc
 from tokenrelay import _params
 from tokenrelay._aio import AsyncClient
 from tokenrelay._retry import UNSET as _UNSET
+from tokenrelay._security import ChannelSecurity, PemSource, traced_channel
 from tokenrelay._retry import Deadline, JobWait, Metadata, RetryPolicy, merge_metadata
 from tokenrelay._streams import GenerationStream, iterate_with_retry
 from tokenrelay.errors import TokenRelayError
@@ -39,25 +40,36 @@ from tokenrelay.v1 import (
 __all__ = ["Client", "AsyncClient", "GenerationStream"]
 
 class Client:
-    """Blocking client. `target` is "host:port"; pass `credentials` (grpc.ChannelCredentials)
-    for TLS. `retries` is how many times UNAVAILABLE is retried. Use as a context manager or
-    call `close()`."""
+    """Blocking client. `target` is "host:port". TLS: `tls=True` (system roots) or `ca_cert`
+    (PEM path or bytes); mTLS adds `client_cert` and `client_key`; `server_name` overrides the
+    name checked in the server certificate; or pass ready `credentials`. `api_key` is sent as
+    `authorization: Bearer`; `tracing=True` sends the current OpenTelemetry trace
+    (opentelemetry-instrumentation-grpc). `retries` is how many times UNAVAILABLE is retried.
+    Use as a context manager or call `close()`."""
 
     def __init__(self, target: str, *, timeout: float | None = None, retries: int = 3,
                  metadata: Metadata | Mapping[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+                 options: Sequence[tuple[str, Any]] | None = None,
+                 tls: bool = False, ca_cert: PemSource = None, client_cert: PemSource = None,
+                 client_key: PemSource = None, server_name: str | None = None,
+                 api_key: str | None = None, tracing: bool = False) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be > 0 seconds or None")
         self.target = target
         self.timeout = timeout
         self._retry = RetryPolicy(retries=retries)
-        self._metadata = merge_metadata((), metadata)
-        channel_options = list(options or ())
+        security = ChannelSecurity(tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+                                   server_name=server_name, api_key=api_key)
+        self._metadata = merge_metadata(security.metadata(), metadata)
+        channel_options = list(options or ()) + security.options()
+        credentials = credentials if credentials is not None else security.credentials()
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        if tracing:
+            self._channel = traced_channel(self._channel)
         self._generation = text_generation_pb2_grpc.TextGenerationServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsServiceStub(self._channel)
 

@@ -31,6 +31,7 @@ from tokenrelay._aio import AsyncClient
 from tokenrelay._cli_args import key_value
 from tokenrelay._prompts import LengthRange, Prompt, load_prompt_file, random_token_prompts
 from tokenrelay._report import ProgressBar, format_point, format_sweep
+from tokenrelay._security import ChannelSecurity, add_security_arguments, security_from_args
 from tokenrelay._stats import PointResult, RequestRecord, summarize_point
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.v1 import generation_pb2
@@ -58,6 +59,7 @@ class BenchConfig:
     warmup: int = 1
     temperature: float | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    security: ChannelSecurity = field(default_factory=ChannelSecurity)  # TLS, mTLS, API key
     json_out: str | None = None
     progress: bool = True
 
@@ -153,7 +155,9 @@ class LoadGenerator:
 
     async def run(self) -> BenchReport:
         config = self.config
-        async with AsyncClient(config.target, retries=0, metadata=config.metadata) as client:
+        sec = config.security
+        async with AsyncClient(config.target, retries=0, metadata=config.metadata,
+                               credentials=sec.credentials(), options=sec.options(), api_key=sec.api_key) as client:
             info = await client.info(timeout=config.request_timeout)
             self._check_lengths(info)
             file_prompts = load_prompt_file(config.prompt_file) if config.prompt_file else None
@@ -289,6 +293,9 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     data["input_len"] = str(config.input_len)
     data["output_len"] = str(config.output_len)
     data["metadata"] = [key for key, _ in config.metadata]  # values may be secrets
+    sec = config.security
+    data["security"] = {"tls": sec.uses_tls, "mtls": sec.client_cert is not None,
+                        "api_key": sec.api_key is not None}  # never the key itself
     return data
 
 
@@ -317,6 +324,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server host:port (default: env TOKENRELAY_TARGET, else localhost:50051)")
     parser.add_argument("--metadata", action="append", type=key_value, default=[],
                         metavar="KEY=VALUE", help="extra request metadata, repeatable")
+    add_security_arguments(parser)
     parser.add_argument("--concurrency", type=_csv(int), default=(),
                         help="closed loop: comma-separated in-flight request counts, e.g. 1,4,16")
     parser.add_argument("--rate", type=_csv(float), default=(), dest="rates",
@@ -358,7 +366,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         request_timeout=args.request_timeout, max_concurrency=args.max_concurrency,
         warmup=args.warmup, temperature=args.temperature,
-        metadata=tuple(getattr(args, "metadata", None) or ()), json_out=args.json_out,
+        metadata=tuple(getattr(args, "metadata", None) or ()), security=security_from_args(args),
+        json_out=args.json_out,
         progress=not args.no_progress)
 
 

@@ -9,6 +9,9 @@
 - An engine error sends the job back to the queue until its attempts are used up (dead letter).
 - A sweeper expires queued jobs past their TTL and deletes ended jobs past retention.
 - Webhooks go out after the terminal state is stored; each attempt is recorded on the job.
+- A store outage (StoreUnavailable) does not end a running job: its store writes are retried
+  with backoff until the store is back (or the job was taken over meanwhile); claiming and
+  sweeping pause and resume.
 """
 
 from __future__ import annotations
@@ -18,16 +21,21 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest
 from server.jobs import convert
 from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
-from server.jobs.store import JobStore
+from server.jobs.store import JobStore, StoreUnavailable
+from server.jobs.watch import watch_job
 from server.jobs.webhooks import DeliveryAttempt, WebhookSender
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RETRY_FIRST = 0.05  # seconds before retrying a store write through an outage; doubles each time
+_RETRY_MAX = 1.0
 
 
 @dataclass(slots=True)
@@ -55,8 +63,10 @@ def _raise_if_cancelled() -> None:
 class JobManager:
     def __init__(self, config: JobsConfig, store: JobStore, engine: AsyncEngine, *,
                  webhooks: WebhookSender | None = None, clock: Callable[[], float] = time.time,
-                 persist_interval: float = 0.05) -> None:
+                 persist_interval: float = 0.05,
+                 attempt_context: Callable[[Job], contextlib.AbstractContextManager] | None = None) -> None:
         self.config = config
+        self._attempt_context = attempt_context or (lambda job: contextlib.nullcontext())  # e.g. a span
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(6)}"
         self._store = store
         self._engine = engine
@@ -145,38 +155,9 @@ class JobManager:
         self._spawn_webhook(ended)
         return ended
 
-    async def watch(self, job_id: str, from_offset: int) -> AsyncIterator[Transition | Delta | Job]:
-        """State changes, then output deltas from `from_offset` as they are persisted, then the
-        ended Job. Raises JobNotFound (also when the job is deleted mid-watch)."""
-        job = await self._store.get(job_id)
-        if from_offset > job.max_tokens:
-            raise InvalidRequest("from_token_offset", f"the job generates at most {job.max_tokens} tokens")
-        offset, text_pos, sent_states, first = from_offset, 0, 0, True
-        while True:
-            for t in job.history[sent_states:]:
-                yield t
-            sent_states = len(job.history)
-            deltas = await self._store.read_deltas(job_id, 0 if first else offset)
-            for d in deltas:
-                end = d.offset + len(d.token_ids)
-                if first and end <= from_offset and d.token_ids:
-                    text_pos = d.text_offset + len(d.text)  # the client has this text already
-                    continue
-                if end > offset:
-                    skip = max(0, offset - d.offset)
-                    yield Delta(d.offset + skip, d.token_ids[skip:], d.text if skip == 0 else "",
-                                d.text_offset)
-                elif not d.token_ids and d.text_offset >= text_pos and d.offset >= offset:
-                    yield d
-                else:
-                    continue
-                offset, text_pos = max(offset, end), d.text_offset + len(d.text)
-            first = False
-            if job.state.terminal:
-                yield job
-                return
-            await self._store.wait_for_update(job_id, job.version, 1.0)
-            job = await self._store.get(job_id)
+    def watch(self, job_id: str, from_offset: int) -> AsyncIterator[Transition | Delta | Job]:
+        """See `server.jobs.watch.watch_job`."""
+        return watch_job(self._store, job_id, from_offset)
 
     # -- the worker side --------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -192,15 +173,19 @@ class JobManager:
                 raise
             except EngineDeadError:
                 pass
-            except Exception:
+            except Exception as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     self._slots.release()
                     raise asyncio.CancelledError from None
-                log.exception("claiming a job failed")
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("claiming a job: %s", exc)
+                else:
+                    log.exception("claiming a job failed")
             if job is not None and self._stopping:
-                await self._store.release(job.job_id, self.replica_id, self._clock(), error=None,
-                                          count_attempt=False)
+                with contextlib.suppress(StoreUnavailable):  # else its lease runs out: another replica takes it
+                    await self._store.release(job.job_id, self.replica_id, self._clock(), error=None,
+                                              count_attempt=False)
                 job = None
             if job is None:
                 self._slots.release()
@@ -223,6 +208,9 @@ class JobManager:
                     log.info("jobs sweep: %d expired, %d deleted", len(expired), deleted)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                _raise_if_cancelled()
+                log.warning("jobs sweep: %s", exc)
             except Exception:
                 _raise_if_cancelled()
                 log.exception("jobs sweep failed")
@@ -232,13 +220,17 @@ class JobManager:
         job = attempt.job
         heartbeat = asyncio.create_task(self._heartbeat(attempt), name=f"job-heartbeat-{job.job_id}")
         try:
-            await self._attempt(attempt)
+            with self._attempt_context(job):
+                await self._attempt(attempt)
         except asyncio.CancelledError:
             raise
+        except _Lost:
+            pass  # the job is not ours any more: nothing to write
         except Exception as exc:  # never lose the job: back to the queue (the attempt counts)
             _raise_if_cancelled()
             log.exception("job %s attempt %d failed", job.job_id, job.attempts)
-            await self._release(attempt, convert.error(convert.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            with contextlib.suppress(_Lost):
+                await self._release(attempt, convert.error(convert.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             heartbeat.cancel()
             with contextlib.suppress(BaseException):
@@ -254,6 +246,10 @@ class JobManager:
             try:
                 ok = await self._store.heartbeat(attempt.job.job_id, self.replica_id, self.config.lease,
                                                  self._clock())
+            except StoreUnavailable as exc:
+                _raise_if_cancelled()
+                log.warning("job %s heartbeat: %s", attempt.job.job_id, exc)
+                continue
             except Exception:
                 _raise_if_cancelled()
                 log.exception("job heartbeat failed")
@@ -263,11 +259,27 @@ class JobManager:
                 await self._engine.abort(attempt.request_id)
                 return
 
+    async def _retrying(self, attempt: _Attempt, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call of a running attempt, retried with backoff through a store outage: the
+        job survives it. Stops when the attempt is lost (or the task is cancelled by stop())."""
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable as exc:
+                _raise_if_cancelled()
+                if attempt.lost:
+                    raise _Lost from exc
+                log.log(logging.WARNING if delay == _RETRY_FIRST else logging.DEBUG,
+                        "job %s: %s; retrying until the store is back", attempt.job.job_id, exc)
+                await asyncio.sleep(delay)  # backoff, not a synchronisation
+                delay = min(delay * 2, _RETRY_MAX)
+
     async def _release(self, attempt: _Attempt, error: convert.JobError | None, *, count: bool = True) -> None:
         if attempt.lost:
             return
-        job = await self._store.release(attempt.job.job_id, self.replica_id, self._clock(), error=error,
-                                        count_attempt=count)
+        job = await self._retrying(attempt, lambda: self._store.release(
+            attempt.job.job_id, self.replica_id, self._clock(), error=error, count_attempt=count))
         if job is not None and job.state.terminal:
             self._spawn_webhook(job)
         self._wakeup.set()
@@ -276,8 +288,8 @@ class JobManager:
                       error: convert.JobError | None = None) -> None:
         if attempt.lost:
             return
-        job = await self._store.finish(attempt.job.job_id, self.replica_id, state, self._clock(),
-                                       result=result, error=error)
+        job = await self._retrying(attempt, lambda: self._store.finish(
+            attempt.job.job_id, self.replica_id, state, self._clock(), result=result, error=error))
         if job is not None:
             self._spawn_webhook(job)
 
@@ -290,7 +302,7 @@ class JobManager:
         except InvalidRequest as exc:  # e.g. the model changed since submit: retrying cannot help
             await self._finish(attempt, JobState.FAILED, error=convert.error(convert.INVALID_ARGUMENT, str(exc)))
             return
-        persisted_ids, _ = merge_deltas(await self._store.read_deltas(job.job_id))
+        persisted_ids, _ = merge_deltas(await self._retrying(attempt, lambda: self._store.read_deltas(job.job_id)))
         n_tok, n_chars = job.completion_tokens, job.text_chars
         acc = convert.new_accumulator(job)
         ids: list[int] = []
@@ -305,7 +317,8 @@ class JobManager:
                 return  # a re-run still catching up with what was persisted
             joined = "".join(text)
             delta = Delta(n_tok, tuple(ids[n_tok:]), joined[n_chars:], n_chars)
-            if not await self._store.append_output(job.job_id, self.replica_id, delta, self._clock()):
+            if not await self._retrying(attempt, lambda: self._store.append_output(
+                    job.job_id, self.replica_id, delta, self._clock())):
                 attempt.lost = True
                 raise _Lost
             n_tok, n_chars = len(ids), n_text

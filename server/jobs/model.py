@@ -117,6 +117,33 @@ class Delta:
 
 
 @dataclass(slots=True)
+class Progress:
+    """The part of a job that changes while it runs (per output delta, per heartbeat).
+
+    Stores keep it beside the job document (a row of its own / a hash field), so persisting a
+    delta or a heartbeat writes these few fields and never the document (params included).
+    `state` and `owner` change only with the document; they are here so ownership can be
+    checked without reading it.
+    """
+
+    state: JobState
+    owner: str
+    lease_until: float
+    completion_tokens: int
+    text_chars: int
+    update_time: float
+    version: int
+
+    def to_list(self) -> list:
+        return [self.state.value, self.owner, self.lease_until, self.completion_tokens, self.text_chars,
+                self.update_time, self.version]
+
+    @classmethod
+    def from_list(cls, v: list) -> Progress:
+        return cls(JobState(v[0]), v[1], v[2], v[3], v[4], v[5], v[6])
+
+
+@dataclass(slots=True)
 class Job:
     job_id: str
     tier: JobTier
@@ -145,6 +172,8 @@ class Job:
     owner: str = ""  # replica running it
     lease_until: float = 0.0  # unix seconds
     version: int = 0  # bumped on every change (watchers wait on it)
+    tenant: str = ""  # who submitted it ("" without authentication); others see NOT_FOUND
+    trace_parent: str = ""  # W3C traceparent of the submitting call; attempts link to it
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -155,6 +184,13 @@ class Job:
             raise ValueError("queue_ttl and retention must be >= 0")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+
+    @property
+    def idempotency_scope(self) -> str:
+        """The stored idempotency key: per tenant ("" when the job has no key)."""
+        if not self.idempotency_key or not self.tenant:
+            return self.idempotency_key
+        return f"{self.tenant}\x1f{self.idempotency_key}"
 
     @property
     def engine_priority(self) -> int:
@@ -175,7 +211,19 @@ class Job:
         """When a queued job expires, or when an ended job is deleted."""
         return self.delete_time if self.state.terminal else self.queue_deadline
 
-    # -- serialization (stores keep one JSON document per job) ------------------------------
+    # -- serialization: stores keep one JSON document per job, written on state changes, and
+    # its Progress beside it, written on every delta and heartbeat ---------------------------
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.state, self.owner, self.lease_until, self.completion_tokens, self.text_chars,
+                        self.update_time, self.version)
+
+    def apply(self, progress: Progress) -> None:
+        """Overlay the stored progress on a job read from its (older) document."""
+        self.state, self.owner, self.lease_until = progress.state, progress.owner, progress.lease_until
+        self.completion_tokens, self.text_chars = progress.completion_tokens, progress.text_chars
+        self.update_time, self.version = progress.update_time, progress.version
+
     def to_dict(self) -> dict:
         return {
             "job_id": self.job_id, "tier": self.tier.value,
@@ -192,6 +240,7 @@ class Job:
             "last_error": None if self.last_error is None else [self.last_error.code, self.last_error.message],
             "webhook_deliveries": [[d.attempt, d.time, d.http_status, d.error] for d in self.webhook_deliveries],
             "owner": self.owner, "lease_until": self.lease_until, "version": self.version,
+            "tenant": self.tenant, "trace_parent": self.trace_parent,
         }
 
     @classmethod
@@ -209,6 +258,7 @@ class Job:
             last_error=None if d["last_error"] is None else JobError(*d["last_error"]),
             webhook_deliveries=[WebhookDelivery(*w) for w in d["webhook_deliveries"]],
             owner=d["owner"], lease_until=d["lease_until"], version=d["version"],
+            tenant=d.get("tenant", ""), trace_parent=d.get("trace_parent", ""),
         )
 
 
@@ -278,71 +328,6 @@ def retention_over(job: Job, now: float) -> bool:
     return job.state.terminal and delete_time is not None and now >= delete_time
 
 
-def owned_by(job: Job, replica_id: str) -> bool:
-    return job.state is JobState.RUNNING and job.owner == replica_id
-
-
-# -- the store-side changes: each returns False when nothing may be written ----------------
-def extend_lease(job: Job, replica_id: str, lease: float, now: float) -> bool:
-    """A heartbeat: the lease of a job running on `replica_id` runs on."""
-    if not owned_by(job, replica_id):
-        return False
-    job.lease_until = now + lease
-    return True
-
-
-def add_output(job: Job, replica_id: str, delta: Delta, now: float) -> bool:
-    """Count one persisted delta; False when the job is not ours or `delta` does not continue
-    the persisted output."""
-    if (not owned_by(job, replica_id) or delta.offset != job.completion_tokens
-            or delta.text_offset != job.text_chars):
-        return False
-    job.completion_tokens += len(delta.token_ids)
-    job.text_chars += len(delta.text)
-    job.update_time = now
-    job.version += 1
-    return True
-
-
-def finish_job(job: Job, replica_id: str | None, state: JobState, now: float, *,
-               result: bytes | None = None, error: JobError | None = None) -> bool:
-    """The terminal transition; with `replica_id`, only while the job runs there."""
-    if job.state.terminal or (replica_id is not None and not owned_by(job, replica_id)):
-        return False
-    transition(job, state, now)
-    job.result = result if result is not None else job.result
-    job.last_error = error if error is not None else job.last_error
-    return True
-
-
-def release_job(job: Job, replica_id: str, error: JobError | None, now: float, *,
-                count_attempt: bool = True) -> bool:
-    """An attempt on `replica_id` ended without a result (see requeue_or_dead_letter)."""
-    if not owned_by(job, replica_id):
-        return False
-    requeue_or_dead_letter(job, error, now, count_attempt=count_attempt)
-    return True
-
-
-def recover_job(job: Job, replica_id: str, now: float) -> bool:
-    """At startup: a job `replica_id` was running when it died goes back (the attempt counts)."""
-    return release_job(job, replica_id, JobError(14, "replica restarted during the attempt"), now)
-
-
-def record_delivery(job: Job, delivery: WebhookDelivery) -> bool:
-    job.webhook_deliveries.append(delivery)
-    job.version += 1
-    return True
-
-
-def expire_job(job: Job, now: float) -> bool:
-    """A queued job past its queue TTL expires."""
-    if not queue_expired(job, now):
-        return False
-    transition(job, JobState.EXPIRED, now)
-    return True
-
-
 def merge_deltas(deltas: list[Delta], from_offset: int = 0) -> tuple[list[int], str]:
     """The output token ids from `from_offset` on, and the text of the deltas wholly after it."""
     ids: list[int] = []
@@ -371,6 +356,7 @@ class JobsConfig:
     poll_interval: float = 0.5  # seconds between claim attempts when idle (a submit wakes it at once)
     sweep_interval: float = 1.0  # seconds between TTL / retention sweeps
     stop_grace: float = 5.0  # seconds running jobs get to finish on stop before going back
+    store_check_interval: float = 1.0  # seconds between store pings (Jobs readiness follows the store)
     webhook: WebhookConfig | None = None  # None or no secret: webhooks refused at submit
 
     def __post_init__(self) -> None:
@@ -383,5 +369,6 @@ class JobsConfig:
             raise ValueError("jobs queue ttl and retention must be >= 0")
         if self.max_attempts < 1:
             raise ValueError("jobs max attempts must be >= 1")
-        if self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0:
-            raise ValueError("jobs lease, poll and sweep intervals must be > 0, stop grace >= 0")
+        if (self.lease <= 0 or self.poll_interval <= 0 or self.sweep_interval <= 0 or self.stop_grace < 0
+                or self.store_check_interval <= 0):
+            raise ValueError("jobs lease, poll, sweep and store check intervals must be > 0, stop grace >= 0")

@@ -15,25 +15,37 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis import exceptions as rx
 
 from server.jobs.model import TIERS_IN_CLAIM_ORDER, JobTier
+from server.jobs.store import StoreUnavailable
 
 GROUP = "workers"
-_BATCH = 16
+_BATCH = 16  # new entries read per tier and claim, at most
+_SCAN_CALLS = 16  # XAUTOCLAIM calls per tier and claim, at most (each looks at up to 10 entries)
 T = TypeVar("T")
+# Redis cannot serve now but may soon: down, restarting (LOADING), a replica, failing over
+_UNAVAILABLE = (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, rx.MasterDownError, rx.TryAgainError,
+                rx.ClusterDownError, OSError)
 
 
-def honour_cancellation(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """redis-py may turn a task cancellation into a connection error and retry the command: a
-    cancelled task then carries on. Re-raise CancelledError once the call returns or fails."""
+def redis_call(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Around every store method that talks to Redis:
+
+    - an outage (connection refused or lost, timeout, LOADING, read-only replica) raises
+      StoreUnavailable, which callers retry and the API answers UNAVAILABLE;
+    - redis-py may turn a task cancellation into a connection error and retry the command: a
+      cancelled task then carries on, so CancelledError is re-raised once the call returns or fails.
+    """
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             result = await fn(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
             if _cancelling():
                 raise asyncio.CancelledError from None
+            if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, StoreUnavailable):
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
             raise
         if _cancelling():
             raise asyncio.CancelledError
@@ -49,6 +61,7 @@ def _cancelling() -> bool:
 class RedisQueue:
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
+        self._cursors: dict[JobTier, str] = {}  # where the XAUTOCLAIM scan of each tier goes on
 
     def stream(self, tier: JobTier) -> str:
         return f"{self._prefix}:queue:{tier.value}"
@@ -57,7 +70,7 @@ class RedisQueue:
         for tier in TIERS_IN_CLAIM_ORDER:
             try:
                 await r.xgroup_create(self.stream(tier), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
+            except rx.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
@@ -85,13 +98,22 @@ class RedisQueue:
     async def candidates(self, r: aioredis.Redis, consumer: str,
                          lease: float) -> AsyncIterator[tuple[str, str | None]]:
         """(entry, job id) to try, urgent tier first: per tier, entries of dead consumers, then
-        new ones. Every entry yielded is now pending on `consumer`."""
+        new ones. Every entry yielded is now pending on `consumer`.
+
+        Stuck entries are taken one at a time (XAUTOCLAIM COUNT 1): the caller starts each one
+        it takes, so nothing is parked on this consumer (and hidden from the others for another
+        lease) while it cannot run it. The scan goes on from where the last one stopped."""
         for tier in TIERS_IN_CLAIM_ORDER:
             stream = self.stream(tier)
-            res = await r.xautoclaim(stream, GROUP, consumer, min_idle_time=int(lease * 1000), start_id="0-0",
-                                     count=_BATCH)
-            for entry_id, fields in res[1]:
-                yield f"{tier.value}|{entry_id}", (fields or {}).get("job")
+            for _ in range(_SCAN_CALLS):
+                cursor = self._cursors.get(tier, "0-0")
+                res = await r.xautoclaim(stream, GROUP, consumer, min_idle_time=int(lease * 1000),
+                                         start_id=cursor, count=1)
+                self._cursors[tier] = res[0]
+                for entry_id, fields in res[1]:
+                    yield f"{tier.value}|{entry_id}", (fields or {}).get("job")
+                if res[0] == "0-0" and not res[1]:
+                    break  # scanned the whole pending list
             for _ in range(_BATCH):
                 res = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=1)
                 if not res or not res[0][1]:

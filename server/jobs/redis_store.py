@@ -1,7 +1,9 @@
 """The shared job store: Redis, for many replicas.
 
 Keys (prefix `tr`):
-  tr:job:{id}          hash: doc (the job as JSON), state, entry (its queue stream entry while claimed)
+  tr:job:{id}          hash: doc (the job as JSON, written on state changes), progress (its Progress as
+                       JSON, written on every delta and heartbeat), state, entry (its queue stream
+                       entry while claimed)
   tr:deltas:{id}       list: persisted output deltas, for resumable watches
   tr:ev:{id}           stream: one entry per job version (id `{version}-0`); watchers XREAD BLOCK it
   tr:idem:{key}        string: idempotency key -> job id
@@ -18,56 +20,38 @@ its queue side effects staged in the same MULTI; ended jobs get a key TTL past r
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, add_output, claim_job, expire_job, extend_lease,
-    finish_job, record_delivery, recover_job, release_job,
+from server.jobs.changes import (
+    add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
+    taken_over_by,
 )
-from server.jobs.redis_queue import RedisQueue, honour_cancellation
+from server.jobs.model import Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job
+from server.jobs.redis_keys import RedisKeys, decode_token, encode_token, load_job
+from server.jobs.redis_queue import RedisQueue, redis_call
 from server.jobs.store import JobStore, check_idempotency
 
 _TTL_MARGIN = 60  # key TTL past retention; the sweeper deletes on time, the TTL is the backstop
+_CONNECT_TIMEOUT = 5.0  # seconds; an unreachable Redis is an outage (StoreUnavailable), not a hang
+_SOCKET_TIMEOUT = 15.0  # seconds; above the longest XREAD BLOCK a watcher issues
 Extra = Callable[[Any, Job, str | None], None]
 
 
 class RedisJobStore(JobStore):
     def __init__(self, url: str, *, prefix: str = "tr") -> None:
         self._url = url
-        self._p = prefix
+        self._k = RedisKeys(prefix)
         self._r: aioredis.Redis | None = None
         self._q = RedisQueue(prefix)
-
-    # -- keys -------------------------------------------------------------------------------
-    def _job(self, job_id: str) -> str:
-        return f"{self._p}:job:{job_id}"
-
-    def _deltas(self, job_id: str) -> str:
-        return f"{self._p}:deltas:{job_id}"
-
-    def _ev(self, job_id: str) -> str:
-        return f"{self._p}:ev:{job_id}"
-
-    def _idem(self, key: str) -> str:
-        return f"{self._p}:idem:{key}"
-
-    @property
-    def _index(self) -> str:
-        return f"{self._p}:index"
-
-    @property
-    def _qdeadline(self) -> str:
-        return f"{self._p}:qdeadline"
-
-    @property
-    def _deleteat(self) -> str:
-        return f"{self._p}:deleteat"
 
     @property
     def r(self) -> aioredis.Redis:
@@ -76,13 +60,22 @@ class RedisJobStore(JobStore):
         return self._r
 
     # -- lifecycle --------------------------------------------------------------------------
-    @honour_cancellation
+    @redis_call
     async def open(self) -> None:
-        self._r = aioredis.from_url(self._url, decode_responses=True)
+        # a pooled connection that died with a Redis restart is reconnected and the command
+        # retried (briefly) before the call gives up with StoreUnavailable
+        self._r = aioredis.from_url(self._url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT,
+                                    socket_timeout=_SOCKET_TIMEOUT,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+                                    retry_on_error=[RedisConnectionError, RedisTimeoutError])
         await self._r.ping()
         await self._q.create_groups(self._r)
 
-    @honour_cancellation
+    @redis_call
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    @redis_call
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()
@@ -91,40 +84,45 @@ class RedisJobStore(JobStore):
     # -- the one write path -----------------------------------------------------------------
     def _stage_save(self, pipe: Any, job: Job, before: Job, entry: str | None) -> None:
         """Queue the commands that persist `job` (changed from `before`) inside a MULTI."""
-        key = self._job(job.job_id)
-        pipe.hset(key, mapping={"doc": json.dumps(job.to_dict()), "state": job.state.value})
+        key = self._k.job(job.job_id)
+        pipe.hset(key, mapping=self._fields(job))
         if job.version > before.version:
-            pipe.xadd(self._ev(job.job_id), {"v": str(job.version)}, id=f"{job.version}-0", maxlen=32,
+            pipe.xadd(self._k.ev(job.job_id), {"v": str(job.version)}, id=f"{job.version}-0", maxlen=32,
                       approximate=True)
         if job.state is not before.state and job.state is not JobState.RUNNING:
             if entry:  # the claimed queue entry is done with
                 self._q.stage_ack(pipe, entry)
                 pipe.hdel(key, "entry")
         if job.state.terminal and not before.state.terminal:
-            pipe.zrem(self._qdeadline, job.job_id)
+            pipe.zrem(self._k.qdeadline, job.job_id)
             delete_time = job.delete_time
             if delete_time is not None:
-                pipe.zadd(self._deleteat, {job.job_id: delete_time})
+                pipe.zadd(self._k.deleteat, {job.job_id: delete_time})
                 ttl = int(job.retention) + _TTL_MARGIN
-                for k in (key, self._deltas(job.job_id), self._ev(job.job_id)):
+                for k in (key, self._k.deltas(job.job_id), self._k.ev(job.job_id)):
                     pipe.expire(k, ttl)
                 if job.idempotency_key:
-                    pipe.expire(self._idem(job.idempotency_key), ttl)
+                    pipe.expire(self._k.idem(job.idempotency_scope), ttl)
         elif job.state is JobState.QUEUED and before.state is not JobState.QUEUED:
             self._q.stage_push(pipe, job.tier, job.job_id)  # re-queued: a fresh entry
 
+    @staticmethod
+    def _fields(job: Job) -> dict[str, str]:
+        return {"doc": json.dumps(job.to_dict()), "progress": json.dumps(job.progress.to_list()),
+                "state": job.state.value}
+
     async def _mutate(self, job_id: str, fn: Callable[[Job], Any], extra: Extra | None = None) -> tuple[Job, Any]:
         """WATCH the job, change it with `fn` (False/None: write nothing), MULTI/EXEC; retried on conflict."""
-        key = self._job(job_id)
+        key = self._k.job(job_id)
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(key)
-                    doc, entry = await pipe.hmget(key, ["doc", "entry"])
+                    doc, entry, progress = await pipe.hmget(key, ["doc", "entry", "progress"])
                     if doc is None:
                         raise JobNotFound(job_id)
-                    before = Job.from_dict(json.loads(doc))
-                    job = Job.from_dict(json.loads(doc))
+                    before = load_job(doc, progress)
+                    job = load_job(doc, progress)
                     out = fn(job)
                     if out is False or out is None:
                         await pipe.unwatch()
@@ -138,10 +136,43 @@ class RedisJobStore(JobStore):
                 except WatchError:
                     continue
 
+    async def _mutate_progress(self, job_id: str, fn: Callable[[Progress], bool],
+                               extra: Callable[[Any, str | None], None] | None = None) -> bool:
+        """Like _mutate for a change of the job's Progress only: the document is neither read
+        nor written (a delta or a heartbeat costs a few small fields, whatever the params)."""
+        key = self._k.job(job_id)
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw, entry = await pipe.hmget(key, ["progress", "entry"])
+                    if raw is None:
+                        doc = await pipe.hget(key, "doc")
+                        if doc is None:
+                            raise JobNotFound(job_id)
+                        p = Job.from_dict(json.loads(doc)).progress
+                    else:
+                        p = Progress.from_list(json.loads(raw))
+                    version = p.version
+                    if not fn(p):
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, "progress", json.dumps(p.to_list()))
+                    if p.version > version:
+                        pipe.xadd(self._k.ev(job_id), {"v": str(p.version)}, id=f"{p.version}-0", maxlen=32,
+                                  approximate=True)
+                    if extra is not None:
+                        extra(pipe, entry)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
     # -- the API side -----------------------------------------------------------------------
-    @honour_cancellation
+    @redis_call
     async def create(self, job: Job) -> tuple[Job, bool]:
-        idem = self._idem(job.idempotency_key) if job.idempotency_key else None
+        idem = self._k.idem(job.idempotency_scope) if job.idempotency_key else None
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -149,82 +180,82 @@ class RedisJobStore(JobStore):
                         await pipe.watch(idem)
                         existing_id = await pipe.get(idem)
                         if existing_id is not None:
-                            doc = await self.r.hget(self._job(existing_id), "doc")
+                            doc, progress = await self.r.hmget(self._k.job(existing_id), ["doc", "progress"])
                             if doc is not None:
                                 await pipe.unwatch()
-                                existing = Job.from_dict(json.loads(doc))
+                                existing = load_job(doc, progress)
                                 check_idempotency(existing, job)
                                 return existing, False
                     pipe.multi()
                     if idem is not None:
                         pipe.set(idem, job.job_id)
-                    pipe.hset(self._job(job.job_id), mapping={"doc": json.dumps(job.to_dict()),
-                                                              "state": job.state.value})
-                    pipe.zadd(self._index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
+                    pipe.hset(self._k.job(job.job_id), mapping=self._fields(job))
+                    pipe.zadd(self._k.index, {f"{int(job.create_time * 1e9):020d}:{job.job_id}": 0})
                     if job.queue_deadline is not None:
-                        pipe.zadd(self._qdeadline, {job.job_id: job.queue_deadline})
+                        pipe.zadd(self._k.qdeadline, {job.job_id: job.queue_deadline})
                     self._q.stage_push(pipe, job.tier, job.job_id)
                     await pipe.execute()
                     return job, True
                 except WatchError:
                     continue
 
-    @honour_cancellation
+    @redis_call
     async def get(self, job_id: str) -> Job:
-        doc = await self.r.hget(self._job(job_id), "doc")
+        doc, progress = await self.r.hmget(self._k.job(job_id), ["doc", "progress"])
         if doc is None:
             raise JobNotFound(job_id)
-        return Job.from_dict(json.loads(doc))
+        return load_job(doc, progress)
 
-    @honour_cancellation
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
-        start = "-" if not page_token else "(" + _decode_token(page_token)
+    @redis_call
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
+        start = "-" if not page_token else "(" + decode_token(page_token)
         found: list[tuple[str, Job]] = []
         chunk = max(page_size * 2, 50)
         while len(found) <= page_size:
-            members = await self.r.zrangebylex(self._index, start, "+", start=0, num=chunk)
+            members = await self.r.zrangebylex(self._k.index, start, "+", start=0, num=chunk)
             if not members:
                 break
             async with self.r.pipeline(transaction=False) as pipe:
                 for m in members:
-                    pipe.hget(self._job(m.split(":", 1)[1]), "doc")
+                    pipe.hmget(self._k.job(m.split(":", 1)[1]), ["doc", "progress"])
                 docs = await pipe.execute()
-            missing = [m for m, d in zip(members, docs) if d is None]
+            missing = [m for m, (d, _) in zip(members, docs) if d is None]
             if missing:
-                await self.r.zrem(self._index, *missing)
-            for m, d in zip(members, docs):
+                await self.r.zrem(self._k.index, *missing)
+            for m, (d, progress) in zip(members, docs):
                 if d is None:
                     continue
-                job = Job.from_dict(json.loads(d))
-                if not states or job.state in states:
+                job = load_job(d, progress)
+                if (not states or job.state in states) and (tenant is None or job.tenant == tenant):
                     found.append((m, job))
             start = "(" + members[-1]
             if len(members) < chunk:
                 break
         page = found[:page_size]
-        token = _encode_token(page[-1][0]) if len(found) > page_size else ""
+        token = encode_token(page[-1][0]) if len(found) > page_size else ""
         return [j for _, j in page], token
 
-    @honour_cancellation
+    @redis_call
     async def delete(self, job_id: str) -> None:
         job = await self.get(job_id)
-        entry = await self.r.hget(self._job(job_id), "entry")
+        entry = await self.r.hget(self._k.job(job_id), "entry")
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self._job(job_id), self._deltas(job_id))
-            pipe.xadd(self._ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
-            pipe.expire(self._ev(job_id), 60)
+            pipe.delete(self._k.job(job_id), self._k.deltas(job_id))
+            pipe.xadd(self._k.ev(job_id), {"v": "deleted"}, id=f"{job.version + 1}-0")
+            pipe.expire(self._k.ev(job_id), 60)
             if job.idempotency_key:
-                pipe.delete(self._idem(job.idempotency_key))
-            pipe.zrem(self._index, f"{int(job.create_time * 1e9):020d}:{job_id}")
-            pipe.zrem(self._qdeadline, job_id)
-            pipe.zrem(self._deleteat, job_id)
+                pipe.delete(self._k.idem(job.idempotency_scope))
+            pipe.zrem(self._k.index, f"{int(job.create_time * 1e9):020d}:{job_id}")
+            pipe.zrem(self._k.qdeadline, job_id)
+            pipe.zrem(self._k.deleteat, job_id)
             if entry:
                 self._q.stage_ack(pipe, entry)
             await pipe.execute()
 
-    @honour_cancellation
+    @redis_call
     async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
-        raw = await self.r.lrange(self._deltas(job_id), 0, -1)
+        raw = await self.r.lrange(self._k.deltas(job_id), 0, -1)
         out = []
         for item in raw:
             o, to, ids, text = json.loads(item)
@@ -232,12 +263,12 @@ class RedisJobStore(JobStore):
                 out.append(Delta(o, tuple(ids), text, to))
         return out
 
-    @honour_cancellation
+    @redis_call
     async def wait_for_update(self, job_id: str, version: int, timeout: float) -> None:
-        await self.r.xread({self._ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
+        await self.r.xread({self._k.ev(job_id): f"{version}-0"}, count=1, block=max(1, int(timeout * 1000)))
 
     # -- the worker side --------------------------------------------------------------------
-    @honour_cancellation
+    @redis_call
     async def claim(self, replica_id: str, lease: float, now: float) -> Job | None:
         async for entry, job_id in self._q.candidates(self.r, replica_id, lease):
             job = await self._claim_entry(entry, job_id, replica_id, lease, now)
@@ -252,16 +283,16 @@ class RedisJobStore(JobStore):
             return None
 
         def decide(job: Job) -> str | bool:
-            if job.state is JobState.RUNNING and job.lease_until >= now and job.owner != replica_id:
-                return False  # its replica still heart-beats: leave it (the owner's touch takes it back)
+            if job.state is JobState.RUNNING and not taken_over_by(job, replica_id, now):
+                return False  # its replica still heart-beats (or it is ours): the owner's touch takes it back
             if job.state.terminal:
                 return False  # a stale entry
             return "run" if claim_job(job, replica_id, lease, now) else "not-runnable"  # both write
 
         def staged(pipe: Any, job: Job, old_entry: str | None) -> None:
             if job.state is JobState.RUNNING:
-                pipe.hset(self._job(job.job_id), "entry", entry)
-                pipe.zrem(self._qdeadline, job.job_id)
+                pipe.hset(self._k.job(job.job_id), "entry", entry)
+                pipe.zrem(self._k.qdeadline, job.job_id)
                 if old_entry and old_entry != entry:
                     self._q.stage_ack(pipe, old_entry)
             else:
@@ -275,12 +306,12 @@ class RedisJobStore(JobStore):
         if verdict == "run":
             return job
         if verdict is False:
-            state = await self.r.hget(self._job(job_id), "state")
+            state = await self.r.hget(self._k.job(job_id), "state")
             if state is None or JobState(state).terminal:
                 await self._q.ack(self.r, entry)
         return None
 
-    @honour_cancellation
+    @redis_call
     async def recover(self, replica_id: str, now: float) -> int:
         count = 0
         for entry, job_id in await self._q.pending(self.r, replica_id):
@@ -297,35 +328,40 @@ class RedisJobStore(JobStore):
             if done:
                 count += 1
                 continue
-            state = await self.r.hget(self._job(job_id), "state") if job_id else None
+            state = await self.r.hget(self._k.job(job_id), "state") if job_id else None
             if state is None or JobState(state).terminal:
                 await self._q.ack(self.r, entry)
         return count
 
-    @honour_cancellation
+    @redis_call
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
-        def reset_idle(pipe: Any, job: Job, entry: str | None) -> None:
+        def reset_idle(pipe: Any, entry: str | None) -> None:
             if entry:
                 self._q.stage_touch(pipe, entry, replica_id)
 
         try:
-            return bool((await self._mutate(job_id, lambda job: extend_lease(job, replica_id, lease, now),
-                                            reset_idle))[1])
+            return await self._mutate_progress(job_id, lambda p: extend_lease(p, replica_id, lease, now), reset_idle)
         except JobNotFound:
             return False
 
-    @honour_cancellation
+    @redis_call
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
-        def push(pipe: Any, job: Job, entry: str | None) -> None:
-            pipe.rpush(self._deltas(job_id), json.dumps([delta.offset, delta.text_offset,
+        def push(pipe: Any, entry: str | None) -> None:
+            pipe.rpush(self._k.deltas(job_id), json.dumps([delta.offset, delta.text_offset,
                                                          list(delta.token_ids), delta.text]))
 
+        persisted: list[bool] = []
+
+        def change(p: Progress) -> bool:
+            persisted.append(delta_persisted(p, replica_id, delta))
+            return not persisted[-1] and add_output(p, replica_id, delta, now)
+
         try:
-            return bool((await self._mutate(job_id, lambda job: add_output(job, replica_id, delta, now), push))[1])
+            return await self._mutate_progress(job_id, change, push) or persisted[-1]
         except JobNotFound:
             return False
 
-    @honour_cancellation
+    @redis_call
     async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,
                      result: bytes | None = None, error: JobError | None = None) -> Job | None:
         if not state.terminal:
@@ -334,7 +370,7 @@ class RedisJobStore(JobStore):
             job_id, lambda job: finish_job(job, replica_id, state, now, result=result, error=error))
         return job if done else None
 
-    @honour_cancellation
+    @redis_call
     async def release(self, job_id: str, replica_id: str, now: float, *, error: JobError | None,
                       count_attempt: bool = True) -> Job | None:
         try:
@@ -344,45 +380,32 @@ class RedisJobStore(JobStore):
             return None
         return job if done else None
 
-    @honour_cancellation
+    @redis_call
     async def add_webhook_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
         try:
             await self._mutate(job_id, lambda job: record_delivery(job, delivery))
         except JobNotFound:
             pass
 
-    @honour_cancellation
+    @redis_call
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         expired: list[Job] = []
-        for job_id in await self.r.zrangebyscore(self._qdeadline, "-inf", now):
+        for job_id in await self.r.zrangebyscore(self._k.qdeadline, "-inf", now):
             try:
                 job, done = await self._mutate(job_id, lambda job: expire_job(job, now))
             except JobNotFound:
-                await self.r.zrem(self._qdeadline, job_id)
+                await self.r.zrem(self._k.qdeadline, job_id)
                 continue
             if done:
                 expired.append(job)
             else:
-                await self.r.zrem(self._qdeadline, job_id)  # started or ended: no longer queued
+                await self.r.zrem(self._k.qdeadline, job_id)  # started or ended: no longer queued
         deleted = 0
-        for job_id in await self.r.zrangebyscore(self._deleteat, "-inf", now):
+        for job_id in await self.r.zrangebyscore(self._k.deleteat, "-inf", now):
             try:
                 await self.delete(job_id)
                 deleted += 1
             except JobNotFound:
-                await self.r.zrem(self._deleteat, job_id)
+                await self.r.zrem(self._k.deleteat, job_id)
         return expired, deleted
 
-
-def _encode_token(member: str) -> str:
-    return base64.urlsafe_b64encode(f"r:{member}".encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("page_token is not one this server issued") from exc
-    if not raw.startswith("r:"):
-        raise ValueError("page_token is not one this server issued")
-    return raw[2:]

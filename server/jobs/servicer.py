@@ -1,20 +1,39 @@
 """The Jobs gRPC servicer: thin. Validation and conversion live in `server.jobs.convert`, the
-work in `server.jobs.manager`, errors map through `server.errors`."""
+work in `server.jobs.manager`, errors map through `server.errors`.
+
+SubmitJob is refused (UNAVAILABLE) while draining and once the engine is dead; during start-up
+it waits for the engine (bounded by the call's deadline), then validates against its tokenizer
+and stores the job, which runs once claiming starts. Validation tokenizes: it runs off the
+event loop. A store outage answers UNAVAILABLE on every call.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-from engines.base import AsyncEngine, InvalidRequest
-from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort_on_error
+from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
+from server import call_context
+from server.errors import (
+    AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
+)
+from server.health import Phase, ServingState
 from server.jobs import convert
 from server.jobs.manager import JobManager
+from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, JobState, Transition
+from server.jobs.store import StoreUnavailable
 from server.limits import InputLimits
-from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, Transition
+from server.tenants import check_queued_jobs
+
+REQUEST_ID_METADATA = "x-request-id"
+
+
+class JobsStoreUnavailable(ServerError):
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 def _map_error(exc: Exception) -> Exception:
@@ -23,6 +42,8 @@ def _map_error(exc: Exception) -> Exception:
     if isinstance(exc, IdempotencyConflict):
         return AlreadyExists(str(exc), reason="IDEMPOTENCY_KEY_REUSED", job_id=exc.job_id,
                              idempotency_key=exc.key)
+    if isinstance(exc, StoreUnavailable):
+        return JobsStoreUnavailable("the jobs store is unavailable; retry shortly")
     return exc
 
 
@@ -40,32 +61,89 @@ def _job_id(value: str, limits: InputLimits) -> str:
     return value
 
 
+def _header_request_id(request: jobs_pb2.SubmitJobRequest,
+                       context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobRequest:
+    """params.request_id, else the `x-request-id` header: the request to validate and store
+    (validated like any params.request_id)."""
+    if request.params.request_id:
+        return request
+    value = next((v for k, v in (context.invocation_metadata() or ()) if k == REQUEST_ID_METADATA), "")
+    if not value:
+        return request
+    with_id = jobs_pb2.SubmitJobRequest()
+    with_id.CopyFrom(request)
+    with_id.params.request_id = value if isinstance(value, str) else value.decode("latin-1")
+    return with_id
+
+
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
-                 check_webhook: Callable[[str], None] | None,
-                 draining: Callable[[], bool] = lambda: False, limits: InputLimits = InputLimits()) -> None:
+                 check_webhook: Callable[[str], None] | None, health: ServingState | None = None,
+                 engine_started: asyncio.Event | None = None, limits: InputLimits = InputLimits()) -> None:
         self._config = config
+        self._health = health
         self._limits = limits
-        self._draining = draining
         self._manager = manager
         self._engine = engine
         self._check_webhook = check_webhook
+        self._engine_started = engine_started
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a submit while draining or once the engine is dead; during start-up, wait
+        (bounded by the call's deadline) until the engine can validate it."""
+        health = self._health
+        if health is not None and health.phase is Phase.DEAD:
+            raise EngineDeadError(health.dead_reason or "engine is dead")
+        if health is not None and health.phase is Phase.DRAINING:
+            raise ServerDraining("server is draining; submit to another replica")
+        started = self._engine_started
+        if started is not None and not started.is_set():
+            left = context.time_remaining()
+            try:
+                await asyncio.wait_for(started.wait(), None if left is None else max(0.0, left - 0.5))
+            except TimeoutError:
+                raise NotReady("the engine is still starting; retry shortly") from None
+            await self._admit(context)  # it may have died or begun draining meanwhile
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         async with _status(context):
-            if self._draining():
-                raise ServerDraining("server is draining; submit to another replica")
-            job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
-                                          tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
-                                          now=time.time(), limits=self._limits)
+            await self._admit(context)
+            sent = _header_request_id(request, context)
+            info, now = self._engine.info(), time.time()
+
+            def build() -> Job:  # tokenizes and hashes the request: off the event loop
+                job = convert.job_from_submit(sent, config=self._config, info=info, tokenize=self._engine.tokenize,
+                                              check_webhook=self._check_webhook, now=now, limits=self._limits)
+                if sent is not request:  # idempotency compares the body the client sent: a retry
+                    job.fingerprint = convert.fingerprint(request)  # with a fresh x-request-id is the same
+                return job
+
+            job = await asyncio.to_thread(build)
+            caller = call_context.current()
+            if caller is not None:  # the job belongs to the caller's tenant; attempts link to its trace
+                job.tenant, job.trace_parent = caller.tenant, caller.traceparent
+                await self._check_queue_quota(caller)
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
+
+    async def _check_queue_quota(self, caller: call_context.CallInfo) -> None:
+        cap = caller.limits.max_queued_jobs
+        if cap:
+            queued, _ = await self._manager.store.list(frozenset({JobState.QUEUED}), cap, "", caller.tenant)
+            check_queued_jobs(caller.tenant, caller.limits, len(queued), retry_after_s=1.0)
+
+    async def _owned(self, job_id: str) -> Job:
+        """The caller's job; another tenant's job is JobNotFound, exactly as a missing one."""
+        job = await self._manager.store.get(_job_id(job_id, self._limits))
+        if job.tenant != call_context.current_tenant():
+            raise JobNotFound(job.job_id)
+        return job
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest,
                      context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
         async with _status(context):
-            job = await self._manager.store.get(_job_id(request.job_id, self._limits))
+            job = await self._owned(request.job_id)
             return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
@@ -73,6 +151,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
         async with _status(context):
             if request.from_token_offset < 0:
                 raise InvalidRequest("from_token_offset", "must be >= 0")
+            await self._owned(request.job_id)
             events = self._manager.watch(_job_id(request.job_id, self._limits), request.from_token_offset)
             try:
                 async for ev in events:
@@ -88,6 +167,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
         async with _status(context):
+            await self._owned(request.job_id)
             job = await self._manager.cancel(_job_id(request.job_id, self._limits))
             return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
 
@@ -99,7 +179,8 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                 raise InvalidRequest("page_size", f"must be in [1, {convert.MAX_PAGE_SIZE}], got {request.page_size}")
             states = convert.states_from_proto(list(request.states))
             try:
-                jobs, token = await self._manager.store.list(states, size, request.page_token)
+                jobs, token = await self._manager.store.list(states, size, request.page_token,
+                                                             call_context.current_tenant())
             except ValueError as exc:
                 raise InvalidRequests([("page_token", str(exc))]) from exc
             return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token)
@@ -108,7 +189,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                         context: grpc.aio.ServicerContext) -> jobs_pb2.DeleteJobResponse:
         async with _status(context):
             job_id = _job_id(request.job_id, self._limits)
-            job = await self._manager.store.get(job_id)
+            job = await self._owned(job_id)
             if not job.state.terminal:
                 await self._manager.cancel(job_id)  # stop it first: nothing keeps running for nobody
             await self._manager.store.delete(job_id)

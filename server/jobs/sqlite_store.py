@@ -4,6 +4,10 @@ Every blocking sqlite call runs on one dedicated thread that owns the connection
 method is one `BEGIN IMMEDIATE` transaction, committed before the method returns (so a
 submitted job is on disk before SubmitJob answers). Watchers in this process are woken by an
 event swapped on every commit; writers in other processes are seen by polling.
+
+Tables: `jobs` holds each job's document (JSON, params included), rewritten on state changes
+only; `job_progress` its Progress (a small row: lease, output counters, version), rewritten
+on every delta and heartbeat; `deltas` the output, append-only.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from server.jobs.model import (
-    Delta, Job, JobError, JobNotFound, JobState, WebhookDelivery, add_output, claim_job, expire_job, extend_lease,
-    finish_job, record_delivery, recover_job, release_job, retention_over,
+from server.jobs.changes import (
+    add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
 )
-from server.jobs.store import JobStore, check_idempotency
+from server.jobs.model import (
+    Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job, retention_over,
+)
+from server.jobs.store import JobStore, StoreUnavailable, check_idempotency
 
 T = TypeVar("T")
 
@@ -50,7 +56,32 @@ CREATE TABLE IF NOT EXISTS deltas (
     text TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deltas_by_job ON deltas(job_id, id);
+CREATE TABLE IF NOT EXISTS job_progress (
+    job_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    text_chars INTEGER NOT NULL,
+    update_time REAL NOT NULL,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+-- files written before job_progress existed: their documents are up to date
+INSERT OR IGNORE INTO job_progress
+    SELECT job_id, json_extract(doc, '$.state'), json_extract(doc, '$.owner'), json_extract(doc, '$.lease_until'),
+           json_extract(doc, '$.completion_tokens'), json_extract(doc, '$.text_chars'),
+           json_extract(doc, '$.update_time'), json_extract(doc, '$.version') FROM jobs
+    WHERE job_id NOT IN (SELECT job_id FROM job_progress);
 """
+_PROGRESS = "p.state, p.owner, p.lease_until, p.completion_tokens, p.text_chars, p.update_time, p.version"
+_SELECT = f"SELECT j.doc, {_PROGRESS} FROM jobs j JOIN job_progress p USING (job_id)"
+
+
+def _job(row: tuple) -> Job:
+    """A row of `_SELECT`: the document with its progress applied."""
+    job = Job.from_dict(json.loads(row[0]))
+    job.apply(Progress.from_list(list(row[1:8])))
+    return job
 
 
 class SqliteJobStore(JobStore):
@@ -63,7 +94,12 @@ class SqliteJobStore(JobStore):
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: object, write: bool = True) -> T:
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout, I/O error: worth a retry
+            if any(w in str(exc) for w in ("locked", "busy", "disk I/O")):
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            raise
         if write:
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
@@ -109,16 +145,28 @@ class SqliteJobStore(JobStore):
 
     @staticmethod
     def _load(conn: sqlite3.Connection, job_id: str) -> Job | None:
-        row = conn.execute("SELECT doc FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else Job.from_dict(json.loads(row[0]))
+        row = conn.execute(f"{_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
 
     @staticmethod
     def _save(conn: sqlite3.Connection, job: Job) -> None:
+        """A state change: the document and its progress."""
         conn.execute(
             "UPDATE jobs SET state=?, queue_deadline=?, delete_at=?, lease_until=?, owner=?, version=?, doc=?"
             " WHERE job_id=?",
             (job.state.value, job.queue_deadline if job.state is JobState.QUEUED else None, job.delete_time,
              job.lease_until, job.owner, job.version, json.dumps(job.to_dict()), job.job_id))
+        SqliteJobStore._save_progress(conn, job.job_id, job.progress)
+
+    @staticmethod
+    def _save_progress(conn: sqlite3.Connection, job_id: str, p: Progress) -> None:
+        conn.execute("INSERT OR REPLACE INTO job_progress (job_id, state, owner, lease_until, completion_tokens,"
+                     " text_chars, update_time, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, *p.to_list()))
+
+    @staticmethod
+    def _load_progress(conn: sqlite3.Connection, job_id: str) -> Progress | None:
+        row = conn.execute(f"SELECT {_PROGRESS} FROM job_progress p WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else Progress.from_list(list(row))
 
     def _mutate(self, job_id: str, fn: Callable[[Job], T]) -> tuple[Job, T]:
         """Load, change with `fn` (which returns False/None to write nothing), save: one transaction."""
@@ -136,16 +184,17 @@ class SqliteJobStore(JobStore):
     async def create(self, job: Job) -> tuple[Job, bool]:
         def body(conn: sqlite3.Connection) -> tuple[Job, bool]:
             if job.idempotency_key:
-                row = conn.execute("SELECT doc FROM jobs WHERE idem_key = ?", (job.idempotency_key,)).fetchone()
+                row = conn.execute(f"{_SELECT} WHERE j.idem_key = ?", (job.idempotency_scope,)).fetchone()
                 if row is not None:
-                    existing = Job.from_dict(json.loads(row[0]))
+                    existing = _job(row)
                     check_idempotency(existing, job)
                     return existing, False
             conn.execute(
                 "INSERT INTO jobs (job_id, state, tier_rank, idem_key, queue_deadline, delete_at, lease_until,"
                 " owner, version, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, job.state.value, job.tier.rank, job.idempotency_key or None, job.queue_deadline,
+                (job.job_id, job.state.value, job.tier.rank, job.idempotency_scope or None, job.queue_deadline,
                  None, 0.0, "", job.version, json.dumps(job.to_dict())))
+            self._save_progress(conn, job.job_id, job.progress)
             return job, True
         return await self._run(self._tx, body)
 
@@ -158,19 +207,23 @@ class SqliteJobStore(JobStore):
             return job
         return await self._run(body, write=False)
 
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
         after = _decode_token(page_token)
 
         def body() -> tuple[list[Job], str]:
             assert self._conn is not None
-            sql = "SELECT seq, doc FROM jobs WHERE seq > ?"
+            sql = f"{_SELECT.replace('SELECT ', 'SELECT j.seq, ', 1)} WHERE j.seq > ?"
             args: list[object] = [after]
             if states:
-                sql += f" AND state IN ({','.join('?' * len(states))})"
+                sql += f" AND j.state IN ({','.join('?' * len(states))})"
                 args += [s.value for s in states]
-            sql += " ORDER BY seq LIMIT ?"
+            if tenant is not None:
+                sql += " AND coalesce(json_extract(j.doc, '$.tenant'), '') = ?"
+                args.append(tenant)
+            sql += " ORDER BY j.seq LIMIT ?"
             rows = self._conn.execute(sql, (*args, page_size + 1)).fetchall()
-            jobs = [Job.from_dict(json.loads(doc)) for _, doc in rows[:page_size]]
+            jobs = [_job(row[1:]) for row in rows[:page_size]]
             token = _encode_token(rows[page_size - 1][0]) if len(rows) > page_size else ""
             return jobs, token
         return await self._run(body, write=False)
@@ -180,6 +233,7 @@ class SqliteJobStore(JobStore):
             if conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,)).rowcount == 0:
                 raise JobNotFound(job_id)
             conn.execute("DELETE FROM deltas WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM job_progress WHERE job_id = ?", (job_id,))
         await self._run(self._tx, body)
 
     async def read_deltas(self, job_id: str, from_offset: int = 0) -> list[Delta]:
@@ -198,7 +252,7 @@ class SqliteJobStore(JobStore):
 
         def current() -> int | None:
             assert self._conn is not None
-            row = self._conn.execute("SELECT version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._conn.execute("SELECT version FROM job_progress WHERE job_id = ?", (job_id,)).fetchone()
             return None if row is None else row[0]
         now_version = await self._run(current, write=False)
         if now_version is None or now_version > version:
@@ -212,15 +266,15 @@ class SqliteJobStore(JobStore):
     async def claim(self, replica_id: str, lease: float, now: float) -> Job | None:
         def body(conn: sqlite3.Connection) -> Job | None:
             for _ in range(1000):
-                row = conn.execute(
-                    "SELECT doc FROM jobs WHERE state = 'running' AND lease_until < ? ORDER BY tier_rank, seq LIMIT 1",
-                    (now,)).fetchone()
+                row = conn.execute(  # taken_over_by, as a query
+                    f"{_SELECT} WHERE j.state = 'running' AND p.lease_until < ? AND p.owner != ?"
+                    " ORDER BY j.tier_rank, j.seq LIMIT 1", (now, replica_id)).fetchone()
                 if row is None:
                     row = conn.execute(
-                        "SELECT doc FROM jobs WHERE state = 'queued' ORDER BY tier_rank, seq LIMIT 1").fetchone()
+                        f"{_SELECT} WHERE j.state = 'queued' ORDER BY j.tier_rank, j.seq LIMIT 1").fetchone()
                 if row is None:
                     return None
-                job = Job.from_dict(json.loads(row[0]))
+                job = _job(row)
                 runnable = claim_job(job, replica_id, lease, now)
                 self._save(conn, job)
                 if runnable:
@@ -230,29 +284,33 @@ class SqliteJobStore(JobStore):
 
     async def recover(self, replica_id: str, now: float) -> int:
         def body(conn: sqlite3.Connection) -> int:
-            rows = conn.execute("SELECT doc FROM jobs WHERE state = 'running' AND owner = ?", (replica_id,)).fetchall()
-            for (doc,) in rows:
-                job = Job.from_dict(json.loads(doc))
+            rows = conn.execute(f"{_SELECT} WHERE j.state = 'running' AND p.owner = ?", (replica_id,)).fetchall()
+            for row in rows:
+                job = _job(row)
                 if recover_job(job, replica_id, now):  # always: the query picked jobs running here
                     self._save(conn, job)
             return len(rows)
         return await self._run(self._tx, body)
 
     async def heartbeat(self, job_id: str, replica_id: str, lease: float, now: float) -> bool:
-        try:
-            return (await self._run(self._mutate, job_id, lambda job: extend_lease(job, replica_id, lease, now),
-                                    write=False))[1]
-        except JobNotFound:
-            return False
+        def body(conn: sqlite3.Connection) -> bool:
+            p = self._load_progress(conn, job_id)
+            if p is None or not extend_lease(p, replica_id, lease, now):
+                return False
+            self._save_progress(conn, job_id, p)
+            return True
+        return await self._run(self._tx, body, write=False)
 
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
-            job = self._load(conn, job_id)
-            if job is None or not add_output(job, replica_id, delta, now):
+            p = self._load_progress(conn, job_id)
+            if p is not None and delta_persisted(p, replica_id, delta):
+                return True  # a retried write that did commit
+            if p is None or not add_output(p, replica_id, delta, now):
                 return False
             conn.execute("INSERT INTO deltas (job_id, token_offset, text_offset, token_ids, text) VALUES (?, ?, ?, ?, ?)",
                          (job_id, delta.offset, delta.text_offset, json.dumps(list(delta.token_ids)), delta.text))
-            self._save(conn, job)
+            self._save_progress(conn, job_id, p)
             return True
         return await self._run(self._tx, body)
 
@@ -282,20 +340,19 @@ class SqliteJobStore(JobStore):
     async def sweep(self, now: float) -> tuple[list[Job], int]:
         def body(conn: sqlite3.Connection) -> tuple[list[Job], int]:
             expired: list[Job] = []
-            rows = conn.execute("SELECT doc FROM jobs WHERE state = 'queued' AND queue_deadline <= ?",
-                                (now,)).fetchall()
-            for (doc,) in rows:
-                job = Job.from_dict(json.loads(doc))
+            rows = conn.execute(f"{_SELECT} WHERE j.state = 'queued' AND j.queue_deadline <= ?", (now,)).fetchall()
+            for row in rows:
+                job = _job(row)
                 if expire_job(job, now):
                     self._save(conn, job)
                     expired.append(job)
-            gone = [r[0] for r in conn.execute("SELECT doc FROM jobs WHERE delete_at <= ?", (now,)).fetchall()]
+            gone = conn.execute(f"{_SELECT} WHERE j.delete_at <= ?", (now,)).fetchall()
             deleted = 0
-            for doc in gone:
-                job = Job.from_dict(json.loads(doc))
+            for row in gone:
+                job = _job(row)
                 if retention_over(job, now):
-                    conn.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
-                    conn.execute("DELETE FROM deltas WHERE job_id = ?", (job.job_id,))
+                    for table in ("jobs", "deltas", "job_progress"):
+                        conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job.job_id,))
                     deleted += 1
             return expired, deleted
         return await self._run(self._tx, body)

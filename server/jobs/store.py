@@ -13,9 +13,19 @@ from urllib.parse import urlparse
 from server.jobs.model import Delta, IdempotencyConflict, Job, JobError, JobState, WebhookDelivery
 
 
+class StoreUnavailable(ConnectionError):
+    """The store cannot be reached now (an outage): worth retrying. Stores raise it for their
+    client's connection / timeout errors; the API answers UNAVAILABLE, workers retry with backoff."""
+
+
 class JobStore(abc.ABC):
+    """Every method may raise StoreUnavailable while the store is down."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect / create the schema."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raises StoreUnavailable when the store cannot serve now (the readiness probe)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -31,9 +41,11 @@ class JobStore(abc.ABC):
         """Raises JobNotFound."""
 
     @abc.abstractmethod
-    async def list(self, states: frozenset[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
-        """Jobs in creation order, filtered by state (empty: all); returns the next page token
-        ("" on the last page). Raises ValueError for a page token it did not issue."""
+    async def list(self, states: frozenset[JobState], page_size: int, page_token: str,
+                   tenant: str | None = None) -> tuple[list[Job], str]:
+        """Jobs in creation order, filtered by state (empty: all) and by tenant (None: every
+        tenant); returns the next page token ("" on the last page). Raises ValueError for a page
+        token it did not issue."""
 
     @abc.abstractmethod
     async def delete(self, job_id: str) -> None:
@@ -66,7 +78,8 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def append_output(self, job_id: str, replica_id: str, delta: Delta, now: float) -> bool:
         """Persists one delta of a running job owned by `replica_id`; False (nothing written)
-        when the job is not ours any more or the offsets do not continue the persisted output."""
+        when the job is not ours any more or the offsets do not continue the persisted output.
+        Idempotent for the last delta: a retry after a lost reply returns True, writing nothing."""
 
     @abc.abstractmethod
     async def finish(self, job_id: str, replica_id: str | None, state: JobState, now: float, *,

@@ -7,7 +7,8 @@ Reusable by every integration test:
   with indirect parametrization:
   `@pytest.mark.parametrize("synthetic_server", [{"ttft_ms": 50, "max_pending_requests": 2}], indirect=True)`
   (keys: any SyntheticEngineConfig field, any AdmissionConfig field, `drain_grace_seconds`,
-  `jobs`: a JobsConfig, default a fresh SQLite store; None serves Jobs as UNIMPLEMENTED).
+  `jobs`: a JobsConfig, default a fresh SQLite store; None serves Jobs as UNIMPLEMENTED;
+  `security`: a SecurityConfig; `telemetry`: a TelemetryConfig).
 - `synthetic_server_factory`: `await factory(**same_keys, engine=..., wait_ready=...)` for
   several servers or a hand-built engine; all are stopped at teardown.
 - `channel`, `text_generation_stub`, `health_stub`, `jobs_stub`: connected to `synthetic_server`.
@@ -38,7 +39,8 @@ from server.jobs.model import JobsConfig
 TEST_SYNTHETIC = {"ttft_ms": 5.0, "itl_ms": 1.0}
 _SYNTHETIC_FIELDS = {f.name for f in dataclasses.fields(SyntheticEngineConfig)}
 _ADMISSION_FIELDS = {f.name for f in dataclasses.fields(AdmissionConfig)}
-_SERVER_FIELDS = {"drain_grace_seconds", "health_check_interval_seconds", "warmup", "jobs"}
+_SERVER_FIELDS = {"drain_grace_seconds", "health_check_interval_seconds", "warmup", "jobs", "security",
+                  "telemetry"}
 
 
 @dataclass(slots=True)

@@ -1,21 +1,34 @@
-"""Fixtures for the jobs tests: a real redis-server subprocess, and both job stores."""
+"""Fixtures for the jobs tests: a real redis-server subprocess, both job stores, and a Jobs
+gRPC server on an ephemeral port (`jobs_server`)."""
 
 from __future__ import annotations
 
+import base64
 import selectors
 import shutil
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from tokenrelay.v1 import jobs_pb2_grpc
 
+from engines.base import AsyncEngine
+from server.jobs.component import JobsComponent
+from server.jobs.model import JobsConfig
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
+
+from tests.jobs.helpers import started_synthetic
+
+FAST = dict(poll_interval=0.05, sweep_interval=0.05, lease=5.0, stop_grace=0.0)
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123").decode()
 
 
 def free_port() -> int:
@@ -58,7 +71,7 @@ class StoreFactory:
         self.kind = kind
         self._path = tmp_path / "jobs.db"
         self._redis_url = redis_url
-        self._prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
         self.opened: list[JobStore] = []
 
     async def open(self) -> JobStore:
@@ -66,7 +79,7 @@ class StoreFactory:
             store: JobStore = SqliteJobStore(str(self._path), notify_poll=0.2)
         else:
             assert self._redis_url is not None
-            store = RedisJobStore(self._redis_url, prefix=self._prefix)
+            store = RedisJobStore(self._redis_url, prefix=self.prefix)
         await store.open()
         self.opened.append(store)
         return store
@@ -88,3 +101,37 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 @pytest.fixture
 async def store(stores: StoreFactory) -> JobStore:
     return await stores.open()
+
+
+@dataclass(slots=True)
+class JobsServer:
+    stub: jobs_pb2_grpc.JobsServiceStub
+    component: JobsComponent
+    engine: AsyncEngine
+
+
+@pytest.fixture
+async def jobs_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[JobsServer]]]:
+    """`await jobs_server(engine=..., store_url=..., **JobsConfig fields)`: the Jobs service alone
+    on a grpc.aio server (SQLite by default); all are stopped at teardown."""
+    started: list[tuple[grpc.aio.Server, grpc.aio.Channel, JobsComponent]] = []
+
+    async def start(*, engine: AsyncEngine | None = None, store_url: str | None = None, **config) -> JobsServer:
+        engine = engine or await started_synthetic()
+        cfg = JobsConfig(store_url=store_url or f"sqlite://{tmp_path}/jobs-{len(started)}.db",
+                         **{**FAST, **config})
+        component = JobsComponent(cfg, engine)
+        server = grpc.aio.server()
+        component.register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await component.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        started.append((server, channel, component))
+        return JobsServer(jobs_pb2_grpc.JobsServiceStub(channel), component, engine)
+
+    yield start
+    for server, channel, component in started:
+        await channel.close()
+        await server.stop(0)
+        await component.stop(0)

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,48 +11,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tokenrelay.v1 import generation_pb2, jobs_pb2, jobs_pb2_grpc
 
-from engines.base import AsyncEngine
-from server.jobs.component import JobsComponent
-from server.jobs.model import JobsConfig
 from server.jobs.webhooks import WebhookConfig
 
+from tests.jobs.conftest import SECRET
 from tests.jobs.helpers import FlakyEngine, started_synthetic, submit_request, wait_job
-
-FAST = dict(poll_interval=0.05, sweep_interval=0.05, lease=5.0, stop_grace=0.0)
-SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123").decode()
-
-
-@dataclass(slots=True)
-class JobsServer:
-    stub: jobs_pb2_grpc.JobsServiceStub
-    component: JobsComponent
-    engine: AsyncEngine
-
-
-@pytest.fixture
-async def jobs_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[JobsServer]]]:
-    started: list[tuple[grpc.aio.Server, grpc.aio.Channel, JobsComponent]] = []
-
-    async def start(*, engine: AsyncEngine | None = None, store_url: str | None = None, **config) -> JobsServer:
-        engine = engine or await started_synthetic()
-        cfg = JobsConfig(store_url=store_url or f"sqlite://{tmp_path}/jobs-{len(started)}.db",
-                         **{**FAST, **config})
-        component = JobsComponent(cfg, engine)
-        server = grpc.aio.server()
-        component.register(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await component.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        started.append((server, channel, component))
-        return JobsServer(jobs_pb2_grpc.JobsServiceStub(channel), component, engine)
-
-    yield start
-    for server, channel, component in started:
-        await channel.close()
-        await server.stop(0)
-        await component.stop(0)
-
 
 async def wait_ended(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, timeout: float = 20.0) -> jobs_pb2.Job:
     """Watch until the job ends (a bounded wait on the API's own event stream)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -75,10 +76,13 @@ async def test_output_deltas_are_ordered_owned_and_not_duplicated(store: JobStor
     job = await store.claim("r1", 30.0, NOW)
     assert job is not None
     assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
-    # a replay of the same delta (offsets no longer match) writes nothing
-    assert not await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
+    # a retry of the last delta (its reply was lost) succeeds and writes nothing
+    assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
     assert not await store.append_output(job.job_id, "r2", Delta(2, (7,), " c", 4), NOW)
+    assert not await store.append_output(job.job_id, "r2", Delta(0, (5, 6), " a b", 0), NOW)  # not its job
     assert await store.append_output(job.job_id, "r1", Delta(2, (7,), " c", 4), NOW)
+    # an older delta does not continue the output: refused
+    assert not await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW)
     assert await store.append_output(job.job_id, "r1", Delta(3, (8, 9), " d e", 6), NOW)
     got = await store.get(job.job_id)
     assert got.completion_tokens == 5 and got.text_chars == 10
@@ -268,3 +272,110 @@ async def test_wait_for_update_wakes_on_a_change(store: JobStore) -> None:
     assert (await store.get(job.job_id)).version > version
     # an already newer version returns at once
     await asyncio.wait_for(store.wait_for_update(job.job_id, version, 30.0), 10)
+
+
+async def test_every_stuck_job_of_a_dead_replica_is_claimable_at_once(store: JobStore) -> None:
+    """A replica that takes over a dead one's jobs takes only what it starts: the rest stay
+    claimable at once (by it or anyone), not parked for another lease."""
+    jobs = [make_job(now=NOW + i) for i in range(8)]
+    for j in jobs:
+        await store.create(j)
+    lease = 2.0  # every replica has the same lease (it is also the Redis entries' idle limit)
+    t0 = time.time()
+    for _ in jobs:
+        assert await store.claim("dead", lease, t0) is not None
+    deadline = time.monotonic() + 10
+    first = None
+    while first is None:  # the Redis lease is the stream entry's idle time: real time must pass
+        assert time.monotonic() < deadline, "expired lease never claimed"
+        await asyncio.sleep(lease)
+        first = await store.claim("alive", lease, time.time())
+    taken = [first]
+    for _ in range(7):  # no further wait: every other stuck job is ready now
+        job = await store.claim("alive" if len(taken) % 2 else "other", lease, time.time())
+        assert job is not None, f"only {len(taken)} of 8 stuck jobs were claimable without another lease"
+        taken.append(job)
+    assert sorted(j.job_id for j in taken) == sorted(j.job_id for j in jobs)
+    assert all(j.attempts == 2 for j in taken)
+
+
+async def test_a_replica_never_takes_over_its_own_running_job(store: JobStore) -> None:
+    """Its lease lapsed (say the store was unreachable for a while) but the replica still runs
+    the job: claiming it again would run it twice on one replica."""
+    await store.create(make_job())
+    lease = 0.05
+    job = await store.claim("r1", lease, time.time())
+    assert job is not None
+    deadline = time.monotonic() + 10
+    while time.time() < job.lease_until + lease:  # wall time past the lease and the entry's idle time
+        assert time.monotonic() < deadline
+        await asyncio.sleep(lease)
+    assert await store.claim("r1", lease, time.time()) is None
+    assert await store.heartbeat(job.job_id, "r1", 30.0, time.time())
+    assert (await store.get(job.job_id)).attempts == 1
+
+
+def _bytes_written() -> int:
+    """Bytes this process handed to write(2) so far (the SQLite store writes from this process)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+async def _redis_bytes_in(store: JobStore) -> int:
+    info = await store.r.info("stats")  # type: ignore[attr-defined]
+    return int(info["total_net_input_bytes"])
+
+
+async def test_a_delta_does_not_rewrite_the_job_document(store: JobStore, stores: StoreFactory) -> None:
+    """Output deltas are appended; the job document (a big params blob here) is written on
+    state changes only, so the bytes written per delta do not grow with the params."""
+    big = make_job()
+    big.params = bytes(range(256)) * 4096  # 1 MiB of params
+    await store.create(big)
+    job = await store.claim("r1", 30.0, NOW)
+    assert job is not None and job.job_id == big.job_id
+    measure = _bytes_written if stores.kind == "sqlite" else None
+    before = measure() if measure else await _redis_bytes_in(store)
+    n = 40
+    for i in range(n):
+        assert await store.append_output(job.job_id, "r1", Delta(i, (i,), "x", i), NOW + i * 0.01)
+    after = measure() if measure else await _redis_bytes_in(store)
+    per_delta = (after - before) / n
+    assert per_delta < 64 * 1024, f"{per_delta:.0f} bytes written per delta with 1 MiB of params"
+    got = await store.get(job.job_id)
+    assert got.completion_tokens == n == got.text_chars and got.params == big.params
+    assert got.version > job.version and got.update_time == pytest.approx(NOW + (n - 1) * 0.01)
+    assert [d.token_ids[0] for d in await store.read_deltas(job.job_id)] == list(range(n))
+    assert await store.heartbeat(job.job_id, "r1", 30.0, NOW + 1)
+    assert (await store.get(job.job_id)).lease_until == pytest.approx(NOW + 31)
+    done = await store.finish(job.job_id, "r1", JobState.SUCCEEDED, NOW + 2, result=b"r")
+    assert done is not None and done.completion_tokens == n and done.state is JobState.SUCCEEDED
+    assert (await store.get(job.job_id)).completion_tokens == n
+
+
+async def test_jobs_stored_before_progress_was_kept_apart_still_load(stores: StoreFactory) -> None:
+    """A store written by an older version has the progress only in the job document."""
+    store = await stores.open()
+    await store.create(make_job())
+    job = await store.claim("r1", 30.0, NOW)
+    assert job is not None
+    assert await store.append_output(job.job_id, "r1", Delta(0, (5, 6), " a b", 0), NOW + 1)
+    full = await store.get(job.job_id)
+    if stores.kind == "sqlite":  # the older file: the document up to date, no progress row
+        import sqlite3
+
+        await store.close()
+        stores.opened.remove(store)
+        with sqlite3.connect(stores.url[len("sqlite://"):]) as conn:
+            conn.execute("UPDATE jobs SET doc = ? WHERE job_id = ?", (json.dumps(full.to_dict()), job.job_id))
+            conn.execute("DELETE FROM job_progress")
+        store = await stores.open()
+    else:  # the older hash: no progress field
+        await store.r.hset(f"{stores.prefix}:job:{job.job_id}", "doc", json.dumps(full.to_dict()))
+        await store.r.hdel(f"{stores.prefix}:job:{job.job_id}", "progress")
+    got = await store.get(job.job_id)
+    assert got.to_dict() == full.to_dict()
+    assert await store.append_output(job.job_id, "r1", Delta(2, (7,), " c", 4), NOW + 2)
+    assert await store.heartbeat(job.job_id, "r1", 30.0, NOW + 3)
+    got = await store.get(job.job_id)
+    assert got.completion_tokens == 3 and got.text_chars == 6 and got.lease_until == NOW + 33

@@ -20,6 +20,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from engines.base import InvalidRequest
 from server.jobs.webhook_url import forbidden_reason
+from server.main import apply_env_defaults
 from server.jobs.webhooks import (
     DeliveryAttempt,
     WebhookConfig,
@@ -479,12 +480,10 @@ async def test_tls_uses_the_original_host_for_sni_and_the_certificate_check(tmp_
 
 
 def test_cli_flags_build_the_config(monkeypatch):
-    from server.main import apply_env_defaults
-
     monkeypatch.setenv("TOKENRELAY_WEBHOOK_SECRET", SECRET)
     parser = argparse.ArgumentParser()
     add_webhook_arguments(parser)
-    apply_env_defaults(parser)
+    apply_env_defaults(parser)  # the one rule every serve flag follows (server.main)
     args = parser.parse_args(["--webhook-allow-host", "127.0.0.1", "--webhook-allow-host", "10.0.0.0/8",
                               "--webhook-max-attempts", "3", "--webhook-backoff", "1,2.5",
                               "--webhook-timeout", "4", "--webhook-allow-http"])
