@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engines.config import TorchEngineConfig
+from engines.config import TorchEngineConfig, TrtllmEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.jobs.model import JobsConfig
 
-ENGINES = ("torch", "synthetic")
+ENGINES = ("torch", "synthetic", "trtllm")
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,6 +31,7 @@ class ServerConfig:
     engine: str = "torch"
     torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)
     synthetic: SyntheticEngineConfig = field(default_factory=SyntheticEngineConfig)
+    trtllm: TrtllmEngineConfig = field(default_factory=TrtllmEngineConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     drain_grace_seconds: float = 30.0  # in-flight calls may finish this long after SIGTERM
     health_check_interval_seconds: float = 2.0  # engine watchdog period

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engines.config import SchedulerConfig, TorchEngineConfig
+from engines.config import SchedulerConfig, TorchEngineConfig, TrtllmEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.app import ServerHandle, start_server
 from server.config import ENGINES, AdmissionConfig, ServerConfig
@@ -93,10 +93,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--health-check-interval-seconds", float, 2.0, "engine watchdog period")
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
-    add("--model", str, "", "Hugging Face model directory; empty serves the embedded demo model")
+    add("--model", str, "", "Hugging Face model directory (trtllm: the trtllm-build engine directory); "
+                            "empty serves the embedded demo model")
+    add("--tokenizer", str, "", "trtllm: Hugging Face tokenizer directory; empty reads it from --model")
     add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
     add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
-    add("--device", str, "cpu", "cpu or cuda[:n]")
+    add("--device", str, "auto", "auto (cuda when present, else cpu), cpu or cuda[:n]")
     add("--dtype", str, "auto", "auto, float32, bfloat16, float16")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
@@ -121,6 +123,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                      device=args.device, dtype=args.dtype,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      scheduler=scheduler)
+    trtllm = TrtllmEngineConfig(
+        engine_dir=args.model if args.engine == "trtllm" else "", tokenizer=args.tokenizer,
+        kv_cache_free_gpu_memory_fraction=args.kv_cache_memory_fraction,
+        enable_block_reuse=scheduler.enable_prefix_caching, max_batch_size=args.max_num_seqs,
+        max_num_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     synthetic_defaults = SyntheticEngineConfig()
     synthetic = SyntheticEngineConfig(
         ttft_ms=args.synthetic_ttft_ms, itl_ms=args.synthetic_itl_ms, max_num_seqs=args.max_num_seqs,
@@ -130,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_pending_prompt_tokens=args.max_pending_prompt_tokens,
                                 retry_after_ms=args.retry_after_ms)
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
-                        synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
+                        synthetic=synthetic, trtllm=trtllm, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
                         log_level=args.log_level.upper(), jobs=jobs_config_from_args(args))
 
