@@ -26,10 +26,11 @@ class TorchEngineConfig:
     model: str = ""  # a Hugging Face model directory; "" serves the embedded demo model
     load_format: str = "auto"  # "auto": weights from the directory; "dummy": random weights
     dummy_shape: str = ""  # with load_format="dummy" and no model: a named shape, e.g. "llama-3.1-8b"
-    device: str = "cpu"  # "cpu" or "cuda[:n]"
+    device: str = "auto"  # "auto" (cuda when present, else cpu), "cpu" or "cuda[:n]"
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
+    cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

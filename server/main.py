@@ -102,6 +102,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", str, "auto", "auto, float32, bfloat16, float16")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
+    add_bool("--cuda-graphs", True, "on CUDA: replay decode steps from CUDA graphs (--no-cuda-graphs: eager)")
     add("--max-num-seqs", int, 64, "most sequences in one step's batch")
     add("--max-num-batched-tokens", int, 2048, "token budget per engine step")
     add("--num-kv-blocks", int, 0, "KV blocks in the pool; 0: sized from memory (synthetic: 8192)")
@@ -122,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
-                                     scheduler=scheduler)
+                                     cuda_graphs=args.cuda_graphs, scheduler=scheduler)
     trtllm = TrtllmEngineConfig(
         engine_dir=args.model if args.engine == "trtllm" else "", tokenizer=args.tokenizer,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_memory_fraction,

@@ -92,3 +92,17 @@ def test_mixed_prefill_and_decode_batch(seed) -> None:
 
 def test_prefill_only_with_long_chunks_and_small_blocks() -> None:
     check([(37, 37), (40, 70)], block_size=4, heads=2, kv_heads=1, head_dim=16, seed=7)
+
+
+def test_runner_with_triton_attention_matches_transformers(tiny_models) -> None:
+    """The whole runner on the Triton backend: chunked prefill + batched decode, greedy tokens exact."""
+    from engines.torch.runner import ModelRunner
+
+    from .driver import make_seq, run_to_completion
+    from .helpers import reference_greedy, runner_config
+
+    runner = ModelRunner(runner_config(tiny_models.path("llama"), block_size=4), attention=TritonAttention())
+    prompts = {"a": [1, 4, 5, 6, 7, 8, 9], "b": [1, 10, 11]}
+    got = run_to_completion(runner, [make_seq(k, p, max_tokens=4) for k, p in prompts.items()], chunk_size=3)
+    for key, prompt in prompts.items():
+        assert [t for t, _ in got[key]] == reference_greedy(tiny_models.reference("llama"), prompt, 4), key
