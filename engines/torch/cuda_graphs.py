@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv: torch.Tensor, *, max_batch: int, max_context_len: int,
                  block_size: int, hidden_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        if device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
         from engines.torch.triton_attention import TritonAttention
 
         self.model, self.kv, self.block_size = model, kv, block_size
@@ -47,7 +45,7 @@ class DecodeGraphs:
         self.context_lens = torch.ones(top, **i64)
         self.cu = torch.arange(top + 1, **i64)
         self.output = torch.zeros(top, hidden_size, device=device, dtype=dtype)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> graph (anything with replay())
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -62,6 +60,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest bucket first, sharing one memory pool. Compiles the kernels eagerly before capturing."""
+        if self.output.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
         for b in reversed(self.buckets):
             self._forward(b)  # warm-up: Triton JIT and cuBLAS heuristics outside the capture
             torch.cuda.synchronize()
