@@ -8,7 +8,7 @@
 
 The tokenizer is a Hugging Face `tokenizer.json` (in the engine directory or the `--tokenizer`
 directory); end-of-sequence ids come from that directory's generation_config.json, config.json or
-tokenizer_config.json, in that order.
+tokenizer_config.json, in that order, else from the same files in the engine directory.
 """
 
 from __future__ import annotations
@@ -94,5 +94,5 @@ def read_engine_dir(engine_dir: Path, tokenizer_dir: Path, tokenizer: Tokenizer)
         max_batch_size=int(build.get("max_batch_size") or 1),
         max_num_tokens=int(build.get("max_num_tokens") or max_seq_len),
         tokens_per_block=int(plugin.get("tokens_per_block") or _DEFAULT_TOKENS_PER_BLOCK),
-        eos_token_ids=eos_token_ids(tokenizer_dir, tokenizer),
+        eos_token_ids=eos_token_ids(tokenizer_dir, tokenizer) or eos_token_ids(engine_dir, tokenizer),
     )
