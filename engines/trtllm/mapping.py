@@ -54,10 +54,13 @@ def sampling_config(tllm: ModuleType, request: Request, seed: int) -> Any:
             1, top_k=1, seed=seed, min_tokens=min_tokens,
             repetition_penalty=None if sp.repetition_penalty == 1.0 else sp.repetition_penalty,
             presence_penalty=sp.presence_penalty or None, frequency_penalty=sp.frequency_penalty or None)
+    # top_k and top_p are always explicit: with both unset the executor decodes greedily whatever
+    # the temperature ("temperature = top_p = top_k = None: greedy", docs/source/features/sampling.md);
+    # top_k = 0 and top_p = 1 are "off", as TensorRT-LLM's own OpenAI server sends for plain sampling.
     return tllm.SamplingConfig(
         1,  # beam_width
-        top_k=sp.top_k or None,  # 0: off
-        top_p=None if sp.top_p >= 1.0 else sp.top_p,
+        top_k=sp.top_k,  # 0: off
+        top_p=sp.top_p,  # 1.0: off
         temperature=sp.temperature,
         min_p=sp.min_p or None,
         seed=seed,

@@ -127,6 +127,18 @@ async def test_the_engine_hands_the_mapped_request_to_the_executor(engine: Trtll
     await wait_idle(engine)
 
 
+async def test_plain_temperature_sampling_samples(engine: TrtllmEngine) -> None:
+    """temperature > 0 with top_k / top_p off must not fall back to the executor's greedy default."""
+    outputs = set()
+    for seed in range(4):
+        request = greedy(engine, f"t{seed}", max_tokens=6)
+        request.sampling = SamplingParams(temperature=1.0, seed=seed)
+        outputs.add(tuple((await generate(engine, request))[0]))
+    assert len(outputs) > 1, "every seed gave the same tokens: greedy, not sampling"
+    sent = engine._executor.enqueued[-1].sampling_config
+    assert (sent.top_k, sent.top_p, sent.temperature) == (0, 1.0, 1.0)
+
+
 async def test_logprobs_are_the_sampled_tokens_own(engine: TrtllmEngine) -> None:
     request = greedy(engine, "lp", max_tokens=6)
     request.sampling = SamplingParams(temperature=0.0, logprobs=0)

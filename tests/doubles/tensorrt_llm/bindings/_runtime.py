@@ -17,9 +17,12 @@ named in executor.py):
     (no new tokens); unknown or finished ids are ignored.
   - `get_latest_iteration_stats()` returns (and clears) the stats of iterations that ran since
     the previous call, at most iter_stats_max_iterations of them; idle iterations report none.
-The stand-in model: the next token is a hash of the context (greedy, top_k = 1) or of the context,
-the seed and the step (sampling; an unset seed is 0, as in TensorRT-LLM), so outputs are
-reproducible and independent of batching. One iteration takes ITERATION_S (the simulated GPU).
+  - greedy decoding unless sampling is asked for: top_k = 1, or top_k and top_p both unset or 0
+    (TensorRT-LLM's documented default: "temperature = top_p = top_k = None: greedy"; random
+    sampling needs e.g. top_k = 0 with top_p = 1, as its OpenAI server sends).
+The stand-in model: the next token is a hash of the context (greedy) or of the context, the seed
+and the step (sampling; an unset seed is 0, as in TensorRT-LLM), so outputs are reproducible and
+independent of batching. One iteration takes ITERATION_S (the simulated GPU).
 """
 
 from __future__ import annotations
@@ -256,7 +259,8 @@ class Executor:
     def _next_token(self, live: _Live) -> tuple[int, float]:
         sc = live.request.sampling_config
         context = (*live.request.input_token_ids, *live.tokens)
-        key = (context,) if sc.top_k == 1 else (context, sc.seed or 0, len(live.tokens))
+        greedy = sc.top_k == 1 or (not sc.top_k and not sc.top_p)
+        key = (context,) if greedy else (context, sc.seed or 0, len(live.tokens))
         u = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
         token = u % self._vocab
         end_id = live.request.end_id
