@@ -22,6 +22,7 @@ Streaming results carry only the new tokens (output_token_ids[beam]) but ALL log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -66,6 +67,7 @@ class _Tracked:
     first_token_time: float | None = None
     finished: bool = False  # the client saw (or is about to see) its final output
     cancelled_at: float | None = None  # we asked the executor to cancel it
+    deadline_timer: asyncio.TimerHandle | None = None  # on the event loop
 
 
 class TrtllmEngine:
@@ -80,6 +82,7 @@ class TrtllmEngine:
         self._info: ModelInfo | None = None
         self._eos: frozenset[int] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -99,6 +102,7 @@ class TrtllmEngine:
         if not self.config.engine_dir:
             raise ValueError("the trtllm engine needs --model ENGINE_DIR (a trtllm-build output directory)")
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         tllm = self._bindings or importlib.import_module(BINDINGS_MODULE)
         engine_dir = Path(self.config.engine_dir).expanduser()
         tokenizer_dir = Path(self.config.tokenizer).expanduser() if self.config.tokenizer else engine_dir
@@ -202,7 +206,7 @@ class TrtllmEngine:
                 raise InvalidRequest("request", f"rejected by TensorRT-LLM: {str(exc)[:_MAX_ERROR_CHARS]}") from exc
             self._live[tracked.executor_id] = tracked
         if request.deadline is not None:
-            self._loop.call_at(request.deadline, self._expire, tracked)
+            tracked.deadline_timer = self._loop.call_at(request.deadline, self._expire, tracked)
         return stream
 
     async def abort(self, request_id: str) -> None:
@@ -332,6 +336,13 @@ class TrtllmEngine:
         tracked.finished = True
         request = tracked.request
         self._by_id.pop(request.request_id, None)
+        timer, tracked.deadline_timer = tracked.deadline_timer, None
+        if timer is not None:
+            if threading.get_ident() == self._loop_thread:
+                timer.cancel()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to cancel
+                    self._loop.call_soon_threadsafe(timer.cancel)
         if reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             tracked.detokenizer.finish()
         out = RequestOutput(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.base import FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria
+from engines.base import EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria
 from engines.config import TrtllmEngineConfig
 from engines.trtllm import mapping
 from engines.trtllm.engine import TrtllmEngine
@@ -207,3 +207,26 @@ async def test_priority_orders_the_executors_queue(engine: TrtllmEngine) -> None
                                           *(drain(s) for s in streams)), 30)
     assert done == ["high", "low"]
     assert engine._executor.enqueued[-1].priority > engine._executor.enqueued[-2].priority
+
+
+async def test_an_executor_error_response_ends_that_request_with_error(engine: TrtllmEngine) -> None:
+    engine._executor._max_input_len = 3  # the executor now rejects this prompt (LlmRequest::validate)
+    _, final = await generate(engine, greedy(engine, "rejected"))
+    assert final.finish_reason is FinishReason.ERROR and "maximum input length" in final.error
+    await engine.check_health()  # one bad request does not kill the engine
+    await wait_idle(engine)
+
+
+async def test_a_failing_executor_kills_the_engine_loudly(engine: TrtllmEngine) -> None:
+    stream = engine.add_request(greedy(engine, "victim", max_tokens=400))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[TensorRT-LLM][ERROR] CUDA error: an illegal memory access was encountered")
+
+    engine._executor.await_responses = broken
+    outs = await drain(stream)
+    assert outs[-1].finish_reason is FinishReason.ERROR and "illegal memory access" in outs[-1].error
+    with pytest.raises(EngineDeadError):
+        await engine.check_health()
+    with pytest.raises(EngineDeadError):
+        engine.add_request(greedy(engine, "late"))
