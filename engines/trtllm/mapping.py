@@ -1,10 +1,13 @@
 """Our request <-> TensorRT-LLM executor request: every field of `engines.base.Request` in one place.
 
 `tllm` is the module `tensorrt_llm.bindings.executor` (passed in, so this file imports nothing of
-TensorRT-LLM). Every constructor call below was checked against TensorRT-LLM's own bindings:
+TensorRT-LLM). Every constructor call below was checked against TensorRT-LLM's own bindings, read
+from the stored NVIDIA/TensorRT-LLM sources (not from an installed 1.2.x wheel, which cannot be
+installed here):
   - Request, SamplingConfig, OutputConfig, FinishReason: cpp/tensorrt_llm/nanobind/executor/request.cpp
-    (and the pybind twin cpp/tensorrt_llm/pybind/executor/request.cpp), NVIDIA/TensorRT-LLM at commit
-    008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc, the 1.2 line's binding layout;
+    at commit 008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc, and the pybind twin
+    cpp/tensorrt_llm/pybind/executor/request.cpp (same argument names; older releases made
+    max_tokens keyword-only, so every argument is passed by keyword);
   - value ranges: cpp/tensorrt_llm/executor/samplingConfig.cpp (temperature >= 0, 0 < top_p <= 1,
     top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, min_tokens >= 0);
   - `end_id=-1` disables end-of-sequence, as TensorRT-LLM's own LLM API does for ignore_eos
@@ -51,14 +54,14 @@ def sampling_config(tllm: ModuleType, request: Request, seed: int) -> Any:
     min_tokens = request.stopping.min_tokens or None
     if sp.greedy:  # greedy is top_k = 1 to the executor (LLM API: _greedy_decoding)
         return tllm.SamplingConfig(
-            1, top_k=1, seed=seed, min_tokens=min_tokens,
+            beam_width=1, top_k=1, seed=seed, min_tokens=min_tokens,
             repetition_penalty=None if sp.repetition_penalty == 1.0 else sp.repetition_penalty,
             presence_penalty=sp.presence_penalty or None, frequency_penalty=sp.frequency_penalty or None)
     # top_k and top_p are always explicit: with both unset the executor decodes greedily whatever
     # the temperature ("temperature = top_p = top_k = None: greedy", docs/source/features/sampling.md);
     # top_k = 0 and top_p = 1 are "off", as TensorRT-LLM's own OpenAI server sends for plain sampling.
     return tllm.SamplingConfig(
-        1,  # beam_width
+        beam_width=1,
         top_k=sp.top_k,  # 0: off
         top_p=sp.top_p,  # 1.0: off
         temperature=sp.temperature,
@@ -78,9 +81,9 @@ def build_request(tllm: ModuleType, request: Request, *, seed: int, end_id: int)
         return_log_probs=request.sampling.logprobs is not None,
         exclude_input_from_output=True,
     )
-    return tllm.Request(
-        list(request.prompt_token_ids),
-        stopping.max_tokens,
+    return tllm.Request(  # every argument by keyword: positions moved between releases (max_new_tokens era)
+        input_token_ids=list(request.prompt_token_ids),
+        max_tokens=stopping.max_tokens,
         streaming=True,
         sampling_config=sampling_config(tllm, request, seed),
         output_config=output_config,
