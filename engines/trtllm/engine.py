@@ -11,7 +11,8 @@ flight until the executor's final response for it, so `stats()` goes idle only o
 has released its KV blocks.
 
 Checked against TensorRT-LLM's bindings (cpp/tensorrt_llm/nanobind/executor/executor.cpp at
-commit 1dd50d0741fa3bdae3ffd2f54e53547cbe1a043d, and bindings.cpp / executorConfig.cpp; the 1.2 line):
+commit 1dd50d0741fa3bdae3ffd2f54e53547cbe1a043d, and bindings.cpp / executorConfig.cpp, read from the
+stored sources; no 1.2.x wheel can be installed here):
 Executor(model_path, model_type, executor_config); enqueue_request(request) -> id;
 await_responses(timeout: datetime.timedelta | None) -> list[Response]; cancel_request(id);
 get_latest_iteration_stats() -> the IterationStats since the previous call; shutdown().

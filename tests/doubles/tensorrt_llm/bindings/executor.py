@@ -1,6 +1,7 @@
 """Test double of `tensorrt_llm.bindings.executor` (TensorRT-LLM 1.2.x), the executor's Python bindings.
 
-Signatures follow the nanobind bindings of NVIDIA/TensorRT-LLM (the 1.2 line), checked file by file:
+Signatures follow the nanobind bindings of NVIDIA/TensorRT-LLM (read from the stored sources at the
+commits below; argument names match the pybind twins in cpp/tensorrt_llm/pybind/executor/), file by file:
   - Request, SamplingConfig, OutputConfig, Result, Response, FinishReason:
     cpp/tensorrt_llm/nanobind/executor/request.cpp @ 008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc
   - ExecutorConfig, KvCacheConfig, SchedulerConfig:
