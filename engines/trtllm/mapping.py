@@ -27,6 +27,9 @@ What we deliberately do NOT hand to the executor, and why:
     come from `OutputConfig.return_log_probs` (the decoder's own log probs), so our cancels are
     safe. The executor returns only the sampled token's logprob (no top alternatives): the engine
     advertises max_logprobs = 0.
+  - one difference remains: before min_tokens the executor bans only `end_id` (SamplingConfig
+    min_tokens); stop token ids and further eos ids are not banned there (the reference engine bans
+    them), they just do not stop the request until min_tokens is reached.
   - the deadline: `Request.allotted_time_ms` exists only in newer bindings; we cancel ourselves
     at the deadline (a loop timer + cancel_request) and report FinishReason.DEADLINE.
 """
