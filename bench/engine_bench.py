@@ -3,6 +3,11 @@
     python bench/engine_bench.py --load-format dummy --dummy-shape tiny --num-prompts 32
     python bench/engine_bench.py --device cuda --dtype bfloat16 --load-format dummy \\
         --dummy-shape llama-3.1-8b --num-prompts 256 --input-len 512 --output-len 128
+    python bench/engine_bench.py --roofline --device cuda --load-format dummy --dummy-shape llama-3.1-8b
+
+--roofline: ms per decode step at --batch-sizes (default 1,32,128) with --context-len (1024)
+cached tokens, the fraction of the memory-bandwidth floor, and transformers' generate and
+continuous batching on the same shape in the same run (bench/roofline.py).
 
 Prompts are deterministic random token ids (`--input-len` each, `--output-len` new tokens,
 ignore_eos), all submitted at once. Step time and batch size come from a thin wrapper around
@@ -27,6 +32,7 @@ from engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
 from engines.scheduler.sequence import RunnerOutput, SchedulerOutput  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.torch.runner import ModelRunner  # noqa: E402
+from bench.roofline import roofline, table  # noqa: E402
 
 
 class TimedRunner:
@@ -58,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="", help="model directory ('' = the embedded demo model)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--dummy-shape", default="", help="named shape for --load-format dummy, e.g. tiny, llama-3.1-8b")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:n]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=64)
@@ -70,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--roofline", action="store_true", help="decode ms/step vs the bandwidth floor and transformers")
+    p.add_argument("--batch-sizes", default="1,32,128", help="--roofline: comma-separated batch sizes")
+    p.add_argument("--context-len", type=int, default=1024, help="--roofline: cached tokens per sequence")
+    p.add_argument("--decode-steps", type=int, default=32, help="--roofline: decode steps timed per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="--roofline: interleaved repeats (medians)")
+    p.add_argument("--compare-transformers", action=argparse.BooleanOptionalAction, default=True,
+                   help="--roofline: also time transformers' generate and generate_batch")
     args = p.parse_args(argv)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         p.error("--num-prompts, --input-len and --output-len must be >= 1")
@@ -138,7 +151,13 @@ async def bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(asyncio.run(bench(parse_args(argv))), indent=2))
+    args = parse_args(argv)
+    if args.roofline:
+        result = asyncio.run(roofline(args))
+        print(table(result), file=sys.stderr)
+    else:
+        result = asyncio.run(bench(args))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ class TorchEngineConfig:
     model: str = ""  # a Hugging Face model directory; "" serves the embedded demo model
     load_format: str = "auto"  # "auto": weights from the directory; "dummy": random weights
     dummy_shape: str = ""  # with load_format="dummy" and no model: a named shape, e.g. "llama-3.1-8b"
-    device: str = "cpu"  # "cpu" or "cuda[:n]"
+    device: str = "auto"  # "auto" (cuda when present, else cpu), "cpu" or "cuda[:n]"
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
+    cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -39,3 +40,22 @@ class TorchEngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+
+
+@dataclass(slots=True, frozen=True)
+class TrtllmEngineConfig:
+    """The TensorRT-LLM engine: a compiled engine directory served by TensorRT-LLM's executor."""
+
+    engine_dir: str = ""  # the trtllm-build output: config.json + rank*.engine
+    tokenizer: str = ""  # a Hugging Face tokenizer directory; "" reads it from engine_dir
+    kv_cache_free_gpu_memory_fraction: float = 0.9  # of the memory left after the weights
+    enable_block_reuse: bool = False  # the executor's prefix caching
+    max_batch_size: int = 0  # 0: the engine's built max_batch_size (a larger value is capped to it)
+    max_num_tokens: int = 0  # 0: the engine's built max_num_tokens (a larger value is capped to it)
+    max_model_len: int = 0  # 0: the engine's max_seq_len
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_cache_free_gpu_memory_fraction <= 1:
+            raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1]")
+        if self.max_batch_size < 0 or self.max_num_tokens < 0 or self.max_model_len < 0:
+            raise ValueError("max_batch_size, max_num_tokens and max_model_len must be >= 0")

@@ -38,6 +38,10 @@ def build_engine(config: ServerConfig) -> AsyncEngine:
         from engines.synthetic import SyntheticEngine
 
         return SyntheticEngine(config.synthetic)
+    if config.engine == "trtllm":
+        from engines.trtllm.engine import TrtllmEngine
+
+        return TrtllmEngine(config.trtllm)
     from engines.torch.engine import TorchEngine
 
     return TorchEngine(config.torch)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engines.config import TorchEngineConfig
+from engines.config import TorchEngineConfig, TrtllmEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.jobs.model import JobsConfig
 from server.limits import InputLimits
 from server.security import SecurityConfig
 from server.telemetry.config import TelemetryConfig
 
-ENGINES = ("torch", "synthetic")
+ENGINES = ("torch", "synthetic", "trtllm")
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +81,7 @@ class ServerConfig:
     engine: str = "torch"
     torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)
     synthetic: SyntheticEngineConfig = field(default_factory=SyntheticEngineConfig)
+    trtllm: TrtllmEngineConfig = field(default_factory=TrtllmEngineConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     drain_grace_seconds: float = 30.0  # in-flight calls may finish this long after SIGTERM
     health_check_interval_seconds: float = 2.0  # engine watchdog period

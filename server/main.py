@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from engines.base import AsyncEngine
-from engines.config import SchedulerConfig, TorchEngineConfig
+from engines.config import SchedulerConfig, TorchEngineConfig, TrtllmEngineConfig
 from engines.synthetic import SyntheticEngineConfig
 from server.app import ServerHandle, start_server
 from server.config import ENGINES, AdmissionConfig, GrpcServerOptions, ServerConfig
@@ -104,13 +104,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add_dataclass_flags(parser, "input limits", InputLimits(), _LIMITS_HELP)
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
-    add("--model", str, "", "Hugging Face model directory; empty serves the embedded demo model")
+    add("--model", str, "", "Hugging Face model directory (trtllm: the trtllm-build engine directory); "
+                            "empty serves the embedded demo model")
+    add("--tokenizer", str, "", "trtllm: Hugging Face tokenizer directory; empty reads it from --model")
     add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
     add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
-    add("--device", str, "cpu", "cpu or cuda[:n]")
+    add("--device", str, "auto", "auto (cuda when present, else cpu), cpu or cuda[:n]")
     add("--dtype", str, "auto", "auto, float32, bfloat16, float16")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
+    add_bool("--cuda-graphs", True, "on CUDA: replay decode steps from CUDA graphs (--no-cuda-graphs: eager)")
     add("--max-num-seqs", int, 64, "most sequences in one step's batch")
     add("--max-num-batched-tokens", int, 2048, "token budget per engine step")
     add("--num-kv-blocks", int, 0, "KV blocks in the pool; 0: sized from memory (synthetic: 8192)")
@@ -174,7 +177,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
-                                     scheduler=scheduler)
+                                     cuda_graphs=args.cuda_graphs, scheduler=scheduler)
+    trtllm = TrtllmEngineConfig(
+        engine_dir=args.model if args.engine == "trtllm" else "", tokenizer=args.tokenizer,
+        kv_cache_free_gpu_memory_fraction=args.kv_cache_memory_fraction,
+        enable_block_reuse=scheduler.enable_prefix_caching, max_batch_size=args.max_num_seqs,
+        max_num_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     synthetic_defaults = SyntheticEngineConfig()
     synthetic = SyntheticEngineConfig(
         ttft_ms=args.synthetic_ttft_ms, itl_ms=args.synthetic_itl_ms, max_num_seqs=args.max_num_seqs,
@@ -184,7 +192,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_pending_prompt_tokens=args.max_pending_prompt_tokens,
                                 retry_after_ms=args.retry_after_ms)
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
-                        synthetic=synthetic, admission=admission, drain_grace_seconds=args.drain_grace_seconds,
+                        synthetic=synthetic, trtllm=trtllm, admission=admission,
+                        drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
                         exit_on_engine_death=args.exit_on_engine_death,
                         engine_death_grace_seconds=args.engine_death_grace_seconds,

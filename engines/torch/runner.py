@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 from engines.base import InvalidRequest, ModelInfo, TokenLogprob
 from engines.config import TorchEngineConfig
 from engines.scheduler.sequence import RunnerOutput, ScheduledChunk, SchedulerOutput
-from engines.torch.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from engines.torch.attention import AttentionBackend, AttentionMetadata
+from engines.torch.backends import default_attention, resolve_device
 from engines.torch.kv_cache import KVCache, size_num_blocks
 from engines.torch.loader import load_model, resolve_dtype
 from engines.torch.sampler import Sampler, SamplingBatch, step_seed
@@ -59,9 +60,7 @@ class _HostPack:
 class ModelRunner:
     def __init__(self, config: TorchEngineConfig, attention: AttentionBackend | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {config.device!r} requested but CUDA is not available")
+        self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         with torch.inference_mode():
             loaded = load_model(config, self.device, self.dtype)
@@ -72,7 +71,7 @@ class ModelRunner:
         self.num_blocks = size_num_blocks(self.model_config, self.block_size, self.dtype, self.device,
                                           config.kv_cache_memory_fraction, config.scheduler.num_blocks)
         self.kv_cache = KVCache(self.model_config, self.num_blocks, self.block_size, self.device, self.dtype)
-        self.attention: AttentionBackend = attention or TorchAttention()
+        self.attention: AttentionBackend = attention or default_attention(self.device)
         self.sampler = Sampler(self.device)
         context = self.model_config.context_length
         if config.scheduler.max_model_len:
@@ -80,6 +79,14 @@ class ModelRunner:
         self.model_info = ModelInfo(name=loaded.name, context_length=context,
                                     vocab_size=self.model_config.vocab_size,
                                     eos_token_ids=loaded.eos_token_ids, engine="torch")
+        self.cuda_graphs = None  # CUDA-graph hook: engines/torch/cuda_graphs.py
+        if config.cuda_graphs and self.device.type == "cuda" and attention is None:
+            from engines.torch.cuda_graphs import DecodeGraphs
+            self.cuda_graphs = DecodeGraphs(self.model, self.kv_cache.kv, max_batch=config.scheduler.max_num_seqs,
+                                            max_context_len=context, block_size=self.block_size,
+                                            hidden_size=self.model_config.hidden_size, device=self.device,
+                                            dtype=self.dtype)
+            self.cuda_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
@@ -96,7 +103,10 @@ class ModelRunner:
             context_lens=dev[idx["ctx"]], cu_seqlens_q=dev[idx["cu"]], decode_seqs=dev[idx["decode"]],
             query_lens_host=[c.num_new_tokens for c in chunks], context_lens_host=[c.end for c in chunks],
             block_size=self.block_size)
-        hidden = self.model(dev[idx["input_ids"]], meta.positions, self.kv_cache.kv, meta, self.attention)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
+            hidden = self.cuda_graphs.run(dev[idx["input_ids"]], meta)
+        else:
+            hidden = self.model(dev[idx["input_ids"]], meta.positions, self.kv_cache.kv, meta, self.attention)
         if sidx is None:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden[dev[idx["logits_idx"]]])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -78,10 +80,41 @@ def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
     return _running(TorchEngine(config))
 
 
+@contextlib.asynccontextmanager
+async def _trtllm_on_double() -> AsyncIterator[AsyncEngine]:
+    from engines.config import TrtllmEngineConfig
+    from engines.trtllm.engine import TrtllmEngine
+
+    from .trtllm_double import installed, write_engine_dir
+
+    with tempfile.TemporaryDirectory() as tmp, installed():
+        engine_dir = write_engine_dir(Path(tmp) / "engine")
+        async with _running(TrtllmEngine(TrtllmEngineConfig(engine_dir=str(engine_dir)))) as engine:
+            yield engine
+
+
+def trtllm_double_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    """The TensorRT-LLM backend over the executor test double (tests/doubles/tensorrt_llm)."""
+    return _trtllm_on_double()
+
+
+def trtllm_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    """The TensorRT-LLM backend over the real library and a real engine directory (GPU)."""
+    from engines.config import TrtllmEngineConfig
+    from engines.trtllm.engine import TrtllmEngine
+
+    from .trtllm_double import REAL_ENGINE_DIR_ENV, real_library
+
+    if not real_library():
+        pytest.skip(f"needs TensorRT-LLM and {REAL_ENGINE_DIR_ENV}=<a trtllm-build output directory>")
+    return _running(TrtllmEngine(TrtllmEngineConfig(engine_dir=os.environ[REAL_ENGINE_DIR_ENV])))
+
+
 ENGINE_CASES: tuple[EngineCase, ...] = (
     EngineCase("synthetic", synthetic_engine),
     EngineCase("torch", torch_engine),
-    # EngineCase("trtllm", trtllm_engine, marks=(pytest.mark.gpu,)),
+    EngineCase("trtllm-double", trtllm_double_engine),
+    EngineCase("trtllm", trtllm_engine, marks=(pytest.mark.gpu,)),
 )
 
 

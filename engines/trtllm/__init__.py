@@ -1,0 +1,1 @@
+"""TensorRT-LLM engine: compiled engine directories served by TensorRT-LLM's executor (GPU; optional extra)."""
