@@ -104,6 +104,8 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
             except TimeoutError:
                 raise NotReady("the engine is still starting; retry shortly") from None
             await self._admit(context)  # it may have died or begun draining meanwhile
+            return
+        await self._engine.check_health()  # EngineDeadError: dead before the watchdog noticed
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
