@@ -18,6 +18,7 @@ from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
 from server import call_context
+from server.convert import REQUEST_ID_METADATA, request_id_from
 from server.errors import (
     AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
 )
@@ -28,8 +29,6 @@ from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, Jobs
 from server.jobs.store import StoreUnavailable
 from server.limits import InputLimits
 from server.tenants import check_queued_jobs
-
-REQUEST_ID_METADATA = "x-request-id"
 
 
 class JobsStoreUnavailable(ServerError):
@@ -61,18 +60,16 @@ def _job_id(value: str, limits: InputLimits) -> str:
     return value
 
 
-def _header_request_id(request: jobs_pb2.SubmitJobRequest,
-                       context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobRequest:
-    """params.request_id, else the `x-request-id` header: the request to validate and store
-    (validated like any params.request_id)."""
-    if request.params.request_id:
-        return request
-    value = next((v for k, v in (context.invocation_metadata() or ()) if k == REQUEST_ID_METADATA), "")
-    if not value:
+def _header_request_id(request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext,
+                       limits: InputLimits) -> jobs_pb2.SubmitJobRequest:
+    """params.request_id, else the `x-request-id` header (validated: InvalidRequests): the
+    request to validate and store. Without either, the job id stands in for it."""
+    metadata = context.invocation_metadata() or ()
+    if request.params.request_id or not any(k == REQUEST_ID_METADATA and v for k, v in metadata):
         return request
     with_id = jobs_pb2.SubmitJobRequest()
     with_id.CopyFrom(request)
-    with_id.params.request_id = value if isinstance(value, str) else value.decode("latin-1")
+    with_id.params.request_id = request_id_from(request.params, metadata, limits)
     return with_id
 
 
@@ -111,7 +108,7 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         async with _status(context):
             await self._admit(context)
-            sent = _header_request_id(request, context)
+            sent = _header_request_id(request, context, self._limits)
             info, now = self._engine.info(), time.time()
 
             def build() -> Job:  # tokenizes and hashes the request: off the event loop
