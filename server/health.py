@@ -42,6 +42,7 @@ class ServingState:
         self.phase = Phase.STARTING
         self.dead_reason: str | None = None
         self.dead = asyncio.Event()  # set once the engine died: the process should exit
+        self.stopping = asyncio.Event()  # set once draining began: long streams (watches) end
         self.unavailable: dict[str, str] = {}  # readiness service -> why it cannot serve now
 
     async def _publish(self) -> None:
@@ -75,6 +76,7 @@ class ServingState:
     async def set_draining(self) -> None:
         if self.phase in (Phase.STARTING, Phase.SERVING):
             self.phase = Phase.DRAINING
+            self.stopping.set()
             await self._publish()
 
     async def set_dead(self, reason: str) -> None:

@@ -73,6 +73,27 @@ def _header_request_id(request: jobs_pb2.SubmitJobRequest, context: grpc.aio.Ser
     return with_id
 
 
+async def _until(events: AsyncIterator, stopping: asyncio.Event) -> AsyncIterator:
+    """`events` until the server starts draining; then UNAVAILABLE, so the watcher resumes from
+    its last offset on another replica instead of holding this one for the whole grace period."""
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(events))
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                await asyncio.wait({step})  # the generator is idle again before it is closed
+                raise ServerDraining("server is draining: resume the watch from your last offset")
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        stopped.cancel()
+
+
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
                  check_webhook: Callable[[str], None] | None, health: ServingState | None = None,
@@ -152,8 +173,9 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
                 raise InvalidRequest("from_token_offset", "must be >= 0")
             await self._owned(request.job_id)
             events = self._manager.watch(_job_id(request.job_id, self._limits), request.from_token_offset)
+            stopping = self._health.stopping if self._health is not None else asyncio.Event()
             try:
-                async for ev in events:
+                async for ev in _until(events, stopping):
                     if isinstance(ev, Transition):
                         yield convert.state_event(ev)
                     elif isinstance(ev, Delta):

@@ -241,3 +241,17 @@ async def test_watchdog_notices_an_idle_engine_dying(synthetic_server, health_st
     synthetic_server.engine.kill("died while idle")
     await wait_until(lambda: synthetic_server.handle.health.phase.value == "dead", timeout=5)
     assert set((await statuses(health_stub)).values()) == {NOT_SERVING}
+
+
+@pytest.mark.parametrize("synthetic_server", [{"itl_ms": 5.0}], indirect=True)
+async def test_draining_ends_job_watches_so_they_resume_elsewhere(synthetic_server, channel):
+    jobs = jobs_pb2_grpc.JobsServiceStub(channel)
+    job = (await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(params=params(3000)), timeout=10)).job
+    watch = jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), timeout=60)
+    assert (await asyncio.wait_for(watch.read(), timeout=10)) is not grpc.aio.EOF
+    drain = asyncio.create_task(synthetic_server.handle.drain(grace=30))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while await asyncio.wait_for(watch.read(), timeout=10) is not grpc.aio.EOF:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await asyncio.wait_for(drain, timeout=10) is True  # not held for the 30 s grace
