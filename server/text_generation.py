@@ -10,6 +10,7 @@ request, so its KV blocks are freed within one engine step. Errors go out via se
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_p
 from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
 from server import convert
 from server.admission import AdmissionController
+from server.chat import ChatPrompts
 from server.errors import (
     Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort, abort_on_error,
 )
@@ -87,6 +89,7 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
         self._engine = engine
         self._state = state
         self._admission = admission
+        self._chat = ChatPrompts(engine)
 
     async def _build(self, params: generation_pb2.GenerationParams, request_id: str,
                      context: grpc.aio.ServicerContext) -> Request:
@@ -96,9 +99,11 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
         if params.WhichOneof("prompt") == "text" and len(params.text) > INLINE_TOKENIZE_CHARS:
             ids = await asyncio.to_thread(tokenize, params.text)  # keep the event loop responsive
             tokenize = lambda _text: ids  # noqa: E731
-        req = convert.request_from_params(
-            params, request_id=request_id, info=self._engine.info(), tokenize=tokenize,
-            arrival_time=arrival, deadline=call_deadline(context))
+        build = functools.partial(
+            convert.request_from_params, params, request_id=request_id, info=self._engine.info(),
+            tokenize=tokenize, arrival_time=arrival, deadline=call_deadline(context), encode_chat=self._chat.encode)
+        # Chat messages are rendered (Jinja) and tokenized: CPU work, off the event loop.
+        req = await asyncio.to_thread(build) if params.WhichOneof("prompt") == "messages" else build()
         req.request_id = engine_request_id(request_id)
         return req
 

@@ -19,6 +19,7 @@ import grpc
 from tokenrelay.v1 import jobs_pb2_grpc
 
 from engines.base import AsyncEngine
+from server.chat import ChatPrompts
 from server.jobs.manager import JobManager
 from server.jobs.model import JobsConfig
 from server.jobs.servicer import JobsServiceServicer
@@ -76,8 +77,9 @@ class JobsComponent:
             webhook_sender = WebhookSender(webhook)
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
-        self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender)
-        self.servicer = JobsServiceServicer(config, self.manager, engine, check, draining)
+        chat = ChatPrompts(engine)
+        self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender, encode_chat=chat.encode)
+        self.servicer = JobsServiceServicer(config, self.manager, engine, check, draining, chat=chat)
         self._opened = False
         self._started = False
 

@@ -18,6 +18,7 @@ from google.rpc import code_pb2
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
 from engines.base import InvalidRequest, ModelInfo, Request
+from server.chat import ChatEncoder
 from server.convert import ResultAccumulator, request_from_params
 from server.errors import InvalidRequests
 from server.jobs.model import (
@@ -70,7 +71,7 @@ def _seconds(msg, name: str, default: float, field: str, bad: list[tuple[str, st
 
 def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, info: ModelInfo,
                     tokenize: Callable[[str], list[int]], check_webhook: WebhookCheck | None,
-                    now: float) -> Job:
+                    now: float, encode_chat: ChatEncoder | None = None) -> Job:
     """A queued Job for `request`; raises InvalidRequests naming every bad field."""
     bad: list[tuple[str, str]] = []
     if not request.HasField("params"):
@@ -82,7 +83,8 @@ def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, i
         params.sampling.seed = secrets.randbits(63)  # fixed now: a re-run yields the same tokens
     try:
         engine_req = request_from_params(params, request_id=params.request_id or job_id, info=info,
-                                         tokenize=tokenize, arrival_time=0.0, deadline=None)
+                                         tokenize=tokenize, arrival_time=0.0, deadline=None,
+                                         encode_chat=encode_chat)
     except InvalidRequests as exc:
         bad += exc.violations
         engine_req = None
@@ -136,11 +138,12 @@ def result_request_id(job: Job) -> str:
 
 
 def engine_request(job: Job, *, info: ModelInfo, tokenize: Callable[[str], list[int]],
-                   arrival_time: float) -> Request:
+                   arrival_time: float, encode_chat: ChatEncoder | None = None) -> Request:
     """The engine Request of the job's current attempt, at the job's engine priority."""
     params = job_params(job)
     request = request_from_params(params, request_id=f"{job.job_id}.{job.attempts}", info=info,
-                                  tokenize=tokenize, arrival_time=arrival_time, deadline=None)
+                                  tokenize=tokenize, arrival_time=arrival_time, deadline=None,
+                                  encode_chat=encode_chat)
     request.priority = job.engine_priority
     return request
 

@@ -3,6 +3,8 @@ work in `server.jobs.manager`, errors map through `server.errors`."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -10,6 +12,7 @@ import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, InvalidRequest
+from server.chat import ChatPrompts
 from server.errors import AlreadyExists, InvalidRequests, NotFound, ServerDraining, abort_on_error
 from server.jobs import convert
 from server.jobs.manager import JobManager
@@ -41,8 +44,9 @@ def _job_id(value: str) -> str:
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
                  check_webhook: Callable[[str], None] | None,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+                 draining: Callable[[], bool] = lambda: False, chat: ChatPrompts | None = None) -> None:
         self._config = config
+        self._chat = chat if chat is not None else ChatPrompts(engine)
         self._draining = draining
         self._manager = manager
         self._engine = engine
@@ -53,9 +57,13 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
         async with _status(context):
             if self._draining():
                 raise ServerDraining("server is draining; submit to another replica")
-            job = convert.job_from_submit(request, config=self._config, info=self._engine.info(),
-                                          tokenize=self._engine.tokenize, check_webhook=self._check_webhook,
-                                          now=time.time())
+            submit = functools.partial(
+                convert.job_from_submit, request, config=self._config, info=self._engine.info(),
+                tokenize=self._engine.tokenize, check_webhook=self._check_webhook, now=time.time(),
+                encode_chat=self._chat.encode)
+            # Chat messages are rendered (Jinja) and tokenized: CPU work, off the event loop.
+            messages = request.params.WhichOneof("prompt") == "messages"
+            job = await asyncio.to_thread(submit) if messages else submit()
             stored, created = await self._manager.submit(job)
             return jobs_pb2.SubmitJobResponse(job=convert.job_to_proto(stored), created=created)
 
