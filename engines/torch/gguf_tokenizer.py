@@ -9,7 +9,7 @@ the Llama family:
 - "llama": sentencepiece-style BPE (Llama 2, Mistral): spaces become "▁", a "▁" is prepended to
   the text (`tokenizer.ggml.add_space_prefix`), unknown bytes fall back to <0xNN> tokens.
 
-Control tokens (type 3) become special added tokens (matched whole, skipped on decode when
+Control and unknown tokens (types 3, 2) become special added tokens (matched whole, skipped on decode when
 asked); user-defined tokens (type 4) become plain added tokens. BOS is prepended when
 `tokenizer.ggml.add_bos_token` says so (sentencepiece vocabularies default to yes, as llama.cpp).
 """
@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from engines.torch.gguf_loader import GGUFFile
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp token types
 
 # `tokenizer.ggml.pre` -> the split regex of that vocabulary (as in its original tokenizer.json).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -145,7 +145,7 @@ def tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Tokenizer, GGUFTokenizerInfo]:
     # A control token spelled outside the byte alphabet of a byte-level vocabulary is not a real
     # token of it (a converter's mislabel); adding it would grow the vocabulary past the model's.
     special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == CONTROL and (spelled is None or set(t) <= spelled)]
+               if ty in (UNKNOWN, CONTROL) and (spelled is None or set(t) <= spelled)]
     if special:
         tok.add_special_tokens(special)
     plain = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
