@@ -171,15 +171,17 @@ def _assert_same_tokenizer(path: Path, specials: list[str]) -> None:
         assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False), repr(s)
 
 
-@pytest.mark.parametrize("pre", ["default", "qwen2", "llama-bpe"])
-def test_byte_level_tokenizer_matches_transformers(gguf_dir: Path, pre: str) -> None:
+@pytest.mark.parametrize(("pre", "add_bos"), [("default", False), ("qwen2", False), ("llama-bpe", True)])
+def test_byte_level_tokenizer_matches_transformers(gguf_dir: Path, pre: str, add_bos: bool) -> None:
     tokenizer = build_tokenizer()
     # GPT-2-style vocabularies carry <|endoftext|>; transformers' byte-level class adds it otherwise.
     tokenizer.add_special_tokens(["<|endoftext|>"])
     tokenizer_json = json.loads(tokenizer.to_str())
     path = _tokenizer_only_gguf(gguf_dir / f"tok-gpt2-{pre}.gguf",
-                                lambda w: write_tokenizer(w, tokenizer_json, pre=pre))
+                                lambda w: write_tokenizer(w, tokenizer_json, pre=pre, add_bos=add_bos))
     _assert_same_tokenizer(path, ["<s>", "</s>", "<pad>", "<|endoftext|>"])
+    ours, _ = tokenizer_from_gguf(GGUFFile(path))
+    assert (ours.encode("hello").ids[0] == ours.token_to_id("<s>")) == add_bos
 
 
 def _sentencepiece_metadata(w) -> None:
