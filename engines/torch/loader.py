@@ -97,6 +97,8 @@ def resolve_model_path(config: TorchEngineConfig) -> Path | None:
         path = Path(str(resources.files("engines.torch").joinpath(DEMO_MODEL_DIR)))
     else:
         path = Path(config.model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (nothing is downloaded)")
     if path.is_file() and gguf_loader.is_gguf(path):
         return path
     if not (path / "config.json").is_file():
