@@ -196,7 +196,8 @@ def _load_gguf(config: TorchEngineConfig, path: Path, device: torch.device, dtyp
     model.eval()
     name = DEFAULT_MODEL_NAME if not config.model else path.stem
     specials = {"bos_token": tok_info.bos_token, "eos_token": tok_info.eos_token}
-    for key, id_key in (("unk_token", "tokenizer.ggml.unknown_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")):
+    for key, id_key in (("unk_token", "tokenizer.ggml.unknown_token_id"),
+                        ("pad_token", "tokenizer.ggml.padding_token_id")):
         tid = gguf.get(id_key)
         if tid is not None and 0 <= int(tid) < shape.vocab_size:
             specials[key] = tokenizer.id_to_token(int(tid))

@@ -291,7 +291,7 @@ class JobManager:
                 convert.engine_request, job, info=self._engine.info(), tokenize=self._engine.tokenize,
                 arrival_time=time.monotonic(), encode_chat=self._encode_chat)
             request.request_id = attempt.request_id
-        except (InvalidRequest, FailedPrecondition) as exc:  # e.g. the model changed since submit: retrying cannot help
+        except (InvalidRequest, FailedPrecondition) as exc:  # e.g. the model changed since submit: no retry
             await self._finish(attempt, JobState.FAILED, error=convert.error(convert.INVALID_ARGUMENT, str(exc)))
             return
         persisted_ids, _ = merge_deltas(await self._store.read_deltas(job.job_id))
