@@ -98,7 +98,8 @@ def resolve_model_path(config: TorchEngineConfig) -> Path | None:
     else:
         path = Path(config.model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist (nothing is downloaded)")
+        raise FileNotFoundError(f"model {path} does not exist: give a .gguf file or a directory with "
+                                "config.json (nothing is downloaded)")
     if path.is_file() and gguf_loader.is_gguf(path):
         return path
     if not (path / "config.json").is_file():
