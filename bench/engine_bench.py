@@ -61,7 +61,8 @@ class TimedRunner:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="model directory ('' = the embedded demo model)")
+    p.add_argument("--model", default="", help="a .gguf file or model directory; 'demo': the embedded adder model; "
+                   "'': SmolLM2-135M-Instruct")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--dummy-shape", default="", help="named shape for --load-format dummy, e.g. tiny, llama-3.1-8b")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:n]")

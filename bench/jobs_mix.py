@@ -47,6 +47,8 @@ async def start_server(args: argparse.Namespace, workdir: str) -> tuple[asyncio.
            "--max-num-seqs", str(args.max_num_seqs), "--log-level", "WARNING",
            "--jobs-store", f"sqlite://{workdir}/jobs.db", "--jobs-max-running", str(args.jobs_max_running),
            "--max-pending-requests", "4096"]
+    if args.engine == "torch":
+        cmd += ["--model", "demo"]
     if args.engine == "synthetic":
         cmd += ["--synthetic-ttft-ms", str(args.ttft_ms), "--synthetic-itl-ms", str(args.itl_ms)]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=workdir, stdout=asyncio.subprocess.PIPE,

@@ -153,6 +153,8 @@ class ModelInfo:
     engine: str = ""
     supports_logprobs: bool = True
     supports_seed: bool = True
+    chat_template: str | None = None  # Jinja2 source; None: chat messages are refused (FAILED_PRECONDITION)
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (name, token) the template sees, e.g. ("bos_token", "<s>")
 
 
 @dataclass(slots=True, frozen=True)

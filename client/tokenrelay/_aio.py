@@ -107,6 +107,21 @@ class AsyncClient:
         return AsyncGenerationStream(self._server_stream(
             self._generation.GenerateStream, request, timeout, metadata))
 
+    async def chat(self, messages: Sequence[_params.ChatMessageLike], *, timeout: float | None = _UNSET,
+                   metadata: Metadata | None = None, **options: Any) -> generation_pb2.GenerationResult:
+        """Answer a conversation (see Client.chat)."""
+        request = text_generation_pb2.GenerateRequest(
+            params=_params.generation_params(_params.chat_messages(messages), options))
+        return (await self._unary(self._generation.Generate, request, timeout, metadata)).result
+
+    def chat_stream(self, messages: Sequence[_params.ChatMessageLike], *, timeout: float | None = _UNSET,
+                    metadata: Metadata | None = None, **options: Any) -> AsyncGenerationStream:
+        """Not a coroutine: returns a stream of the assistant's reply to `async for` over."""
+        request = text_generation_pb2.GenerateStreamRequest(
+            params=_params.generation_params(_params.chat_messages(messages), options))
+        return AsyncGenerationStream(self._server_stream(
+            self._generation.GenerateStream, request, timeout, metadata))
+
     async def tokenize(self, text: str, *, add_special_tokens: bool = False,
                        timeout: float | None = _UNSET, metadata: Metadata | None = None) -> list[int]:
         request = text_generation_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

@@ -28,9 +28,41 @@ TERMINAL_JOB_STATES = frozenset({
 })
 
 
-def generation_params(prompt: str | Sequence[int], options: Mapping[str, Any]
-                      ) -> generation_pb2.GenerationParams:
-    """Build GenerationParams. Unknown options raise TypeError; None means "server default"."""
+ChatMessageLike = Mapping[str, str] | tuple[str, str] | generation_pb2.ChatMessage
+
+
+def chat_messages(messages: Sequence[ChatMessageLike] | generation_pb2.ChatMessages
+                  ) -> generation_pb2.ChatMessages:
+    """Chat messages from {"role": ..., "content": ...} mappings, (role, content) pairs or protos."""
+    if isinstance(messages, generation_pb2.ChatMessages):
+        return messages
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a sequence of {'role': ..., 'content': ...} mappings")
+    out = generation_pb2.ChatMessages()
+    for message in messages:
+        if isinstance(message, generation_pb2.ChatMessage):
+            out.messages.append(message)
+        elif isinstance(message, Mapping):
+            out.messages.add(role=message["role"], content=message["content"])
+        elif isinstance(message, tuple) and len(message) == 2:
+            out.messages.add(role=message[0], content=message[1])
+        else:
+            raise TypeError(f"a chat message must be a mapping with role and content, not {message!r}")
+    return out
+
+
+def _is_chat(prompt: Any) -> bool:
+    return isinstance(prompt, generation_pb2.ChatMessages) or (
+        isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and len(prompt) > 0
+        and all(isinstance(m, (Mapping, tuple, generation_pb2.ChatMessage)) for m in prompt))
+
+
+def generation_params(prompt: str | Sequence[int] | Sequence[ChatMessageLike] | generation_pb2.ChatMessages,
+                      options: Mapping[str, Any]) -> generation_pb2.GenerationParams:
+    """Build GenerationParams. Unknown options raise TypeError; None means "server default".
+
+    The prompt is text, token ids, or chat messages (rendered by the server's chat template).
+    """
     unknown = set(options) - GENERATION_OPTIONS
     if unknown:
         raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
@@ -38,10 +70,12 @@ def generation_params(prompt: str | Sequence[int], options: Mapping[str, Any]
     params = generation_pb2.GenerationParams()
     if isinstance(prompt, str):
         params.text = prompt
+    elif _is_chat(prompt):
+        params.messages.CopyFrom(chat_messages(prompt))
     elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
         params.token_ids.ids.extend(prompt)
     else:
-        raise TypeError("prompt must be a str or a sequence of int token ids")
+        raise TypeError("prompt must be a str, a sequence of int token ids, or chat messages")
     for name in SAMPLING_OPTIONS:
         if options.get(name) is not None:
             setattr(params.sampling, name, options[name])

@@ -127,6 +127,23 @@ class Client:
         return GenerationStream(self._server_stream(
             self._generation.GenerateStream, request, timeout, metadata))
 
+    def chat(self, messages: Sequence[_params.ChatMessageLike], *, timeout: float | None = _UNSET,
+             metadata: Metadata | None = None, **options: Any) -> generation_pb2.GenerationResult:
+        """Answer a conversation: messages are {"role": "system"|"user"|"assistant", "content": str}
+        (or (role, content) pairs), rendered with the model's chat template. The result's text is
+        the assistant's reply. Options as for generate()."""
+        request = text_generation_pb2.GenerateRequest(
+            params=_params.generation_params(_params.chat_messages(messages), options))
+        return self._unary(self._generation.Generate, request, timeout, metadata).result
+
+    def chat_stream(self, messages: Sequence[_params.ChatMessageLike], *, timeout: float | None = _UNSET,
+                    metadata: Metadata | None = None, **options: Any) -> GenerationStream:
+        """Stream the assistant's reply to a conversation, delta by delta (see chat())."""
+        request = text_generation_pb2.GenerateStreamRequest(
+            params=_params.generation_params(_params.chat_messages(messages), options))
+        return GenerationStream(self._server_stream(
+            self._generation.GenerateStream, request, timeout, metadata))
+
     def tokenize(self, text: str, *, add_special_tokens: bool = False,
                  timeout: float | None = _UNSET, metadata: Metadata | None = None) -> list[int]:
         request = text_generation_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

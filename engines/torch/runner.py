@@ -78,7 +78,9 @@ class ModelRunner:
             context = min(context, config.scheduler.max_model_len)
         self.model_info = ModelInfo(name=loaded.name, context_length=context,
                                     vocab_size=self.model_config.vocab_size,
-                                    eos_token_ids=loaded.eos_token_ids, engine="torch")
+                                    eos_token_ids=loaded.eos_token_ids, engine="torch",
+                                    chat_template=loaded.chat_template,
+                                    special_tokens=tuple(sorted(loaded.special_tokens.items())))
         self.cuda_graphs = None  # CUDA-graph hook: engines/torch/cuda_graphs.py
         if config.cuda_graphs and self.device.type == "cuda" and attention is None:
             from engines.torch.cuda_graphs import DecodeGraphs

@@ -26,6 +26,7 @@ import grpc
 from tokenrelay.v1 import jobs_pb2_grpc
 
 from engines.base import AsyncEngine
+from server.chat import ChatPrompts
 from server.health import JOBS_SERVICE, ServingState
 from server.jobs.manager import JobManager
 from server.jobs.model import Job, JobsConfig
@@ -90,11 +91,12 @@ class JobsComponent:
             webhook_sender = WebhookSender(webhook)
         check = (functools.partial(validate_webhook_url, config=webhook_sender.config)
                  if webhook_sender is not None else None)
+        chat = ChatPrompts(engine)
         self.manager = JobManager(config, self.store, engine, webhooks=webhook_sender,
-                                  attempt_context=attempt_context)
+                                  attempt_context=attempt_context, encode_chat=chat.encode)
         self._engine_started = asyncio.Event()  # set by start(): submits before it wait for it
         self.servicer = JobsServiceServicer(config, self.manager, engine, check, health, self._engine_started,
-                                            limits)
+                                            limits, chat=chat)
         self._health = health
         self._store_watch: asyncio.Task | None = None
         self._opened = False

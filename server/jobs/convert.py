@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
 from engines.base import InvalidRequest, ModelInfo, Request
+from server.chat import ChatEncoder
 from server.convert import ResultAccumulator, new_seed, request_from_params
 from server.errors import InvalidRequests
 from server.limits import InputLimits
@@ -71,7 +72,7 @@ def _seconds(msg, name: str, default: float, field: str, bad: list[tuple[str, st
 
 def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, info: ModelInfo,
                     tokenize: Callable[[str], list[int]], check_webhook: WebhookCheck | None,
-                    now: float, limits: InputLimits) -> Job:
+                    now: float, limits: InputLimits, encode_chat: ChatEncoder | None = None) -> Job:
     """A queued Job for `request`; raises InvalidRequests naming every bad field.
 
     Byte limits are checked before anything is tokenized or stored.
@@ -91,7 +92,8 @@ def job_from_submit(request: jobs_pb2.SubmitJobRequest, *, config: JobsConfig, i
         params.sampling.seed = new_seed()  # fixed now: a re-run yields the same tokens
     try:
         engine_req = request_from_params(params, request_id=params.request_id or job_id, info=info,
-                                         tokenize=tokenize, arrival_time=0.0, deadline=None, limits=limits)
+                                         tokenize=tokenize, arrival_time=0.0, deadline=None, limits=limits,
+                                         encode_chat=encode_chat)
     except InvalidRequests as exc:
         bad += exc.violations
         engine_req = None
@@ -143,12 +145,12 @@ def result_request_id(job: Job) -> str:
 
 
 def engine_request(job: Job, *, info: ModelInfo, tokenize: Callable[[str], list[int]],
-                   arrival_time: float) -> Request:
+                   arrival_time: float, encode_chat: ChatEncoder | None = None) -> Request:
     """The engine Request of the job's current attempt, at the job's engine priority."""
     params = job_params(job)
     request = request_from_params(params, request_id=f"{job.job_id}.{job.attempts}", info=info,
                                   tokenize=tokenize, arrival_time=arrival_time, deadline=None,
-                                  limits=_STORED_LIMITS)
+                                  limits=_STORED_LIMITS, encode_chat=encode_chat)
     request.priority = job.engine_priority
     return request
 

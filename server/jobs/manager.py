@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest
+from server.chat import ChatEncoder
+from server.errors import FailedPrecondition
 from server.jobs import convert
 from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
 from server.jobs.store import JobStore, StoreUnavailable
@@ -64,9 +66,11 @@ class JobManager:
     def __init__(self, config: JobsConfig, store: JobStore, engine: AsyncEngine, *,
                  webhooks: WebhookSender | None = None, clock: Callable[[], float] = time.time,
                  persist_interval: float = 0.05,
-                 attempt_context: Callable[[Job], contextlib.AbstractContextManager] | None = None) -> None:
+                 attempt_context: Callable[[Job], contextlib.AbstractContextManager] | None = None,
+                 encode_chat: ChatEncoder | None = None) -> None:
         self.config = config
         self._attempt_context = attempt_context or (lambda job: contextlib.nullcontext())  # e.g. a span
+        self._encode_chat = encode_chat  # renders chat-message prompts (server.chat.ChatPrompts.encode)
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(6)}"
         self._store = store
         self._engine = engine
@@ -296,10 +300,11 @@ class JobManager:
     async def _attempt(self, attempt: _Attempt) -> None:
         job = attempt.job
         try:
-            request = convert.engine_request(job, info=self._engine.info(), tokenize=self._engine.tokenize,
-                                             arrival_time=time.monotonic())
+            request = await asyncio.to_thread(
+                convert.engine_request, job, info=self._engine.info(), tokenize=self._engine.tokenize,
+                arrival_time=time.monotonic(), encode_chat=self._encode_chat)
             request.request_id = attempt.request_id
-        except InvalidRequest as exc:  # e.g. the model changed since submit: retrying cannot help
+        except (InvalidRequest, FailedPrecondition) as exc:  # e.g. the model changed since submit: no retry
             await self._finish(attempt, JobState.FAILED, error=convert.error(convert.INVALID_ARGUMENT, str(exc)))
             return
         persisted_ids, _ = merge_deltas(await self._retrying(attempt, lambda: self._store.read_deltas(job.job_id)))

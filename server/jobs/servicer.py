@@ -18,6 +18,7 @@ from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
 from server import call_context
+from server.chat import ChatPrompts
 from server.convert import REQUEST_ID_METADATA, request_id_from
 from server.errors import (
     AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
@@ -97,10 +98,12 @@ async def _until(events: AsyncIterator, stopping: asyncio.Event) -> AsyncIterato
 class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
     def __init__(self, config: JobsConfig, manager: JobManager, engine: AsyncEngine,
                  check_webhook: Callable[[str], None] | None, health: ServingState | None = None,
-                 engine_started: asyncio.Event | None = None, limits: InputLimits = InputLimits()) -> None:
+                 engine_started: asyncio.Event | None = None, limits: InputLimits = InputLimits(),
+                 chat: ChatPrompts | None = None) -> None:
         self._config = config
         self._health = health
         self._limits = limits
+        self._chat = chat if chat is not None else ChatPrompts(engine)
         self._manager = manager
         self._engine = engine
         self._check_webhook = check_webhook
@@ -134,7 +137,8 @@ class JobsServiceServicer(jobs_pb2_grpc.JobsServiceServicer):
 
             def build() -> Job:  # tokenizes and hashes the request: off the event loop
                 job = convert.job_from_submit(sent, config=self._config, info=info, tokenize=self._engine.tokenize,
-                                              check_webhook=self._check_webhook, now=now, limits=self._limits)
+                                              check_webhook=self._check_webhook, now=now, limits=self._limits,
+                                              encode_chat=self._chat.encode)
                 if sent is not request:  # idempotency compares the body the client sent: a retry
                     job.fingerprint = convert.fingerprint(request)  # with a fresh x-request-id is the same
                 return job

@@ -73,7 +73,7 @@ def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
 
     scheduler = SchedulerConfig(block_size=16, num_blocks=128, max_model_len=512)
     if demo_model_ready():
-        config = TorchEngineConfig(model="", device="cpu", dtype="float32", scheduler=scheduler)
+        config = TorchEngineConfig(model="demo", device="cpu", dtype="float32", scheduler=scheduler)
     else:
         config = TorchEngineConfig(load_format="dummy", dummy_shape="tiny", device="cpu",
                                    dtype="float32", scheduler=scheduler)

@@ -199,7 +199,7 @@ def test_embedded_demo_model_loads_when_present() -> None:
         pytest.skip("the embedded demo model is not in the tree yet")
     from transformers import AutoModelForCausalLM
 
-    runner = ModelRunner(TorchEngineConfig(model="", scheduler=SchedulerConfig(block_size=16, num_blocks=64)))
+    runner = ModelRunner(TorchEngineConfig(model="demo", scheduler=SchedulerConfig(block_size=16, num_blocks=64)))
     assert runner.model_info.name == "tokenrelay-demo"
     prompt = runner.tokenizer.encode("12+34=").ids or [0]
     got = run_to_completion(runner, [make_seq("d", prompt, max_tokens=8)])["d"]

@@ -33,7 +33,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | 
     return proc.returncode, out.decode(), err.decode()
 
 
-SUBCOMMANDS = [["serve"], ["generate"], ["stream"], ["tokenize"], ["detokenize"], ["info"], ["load"],
+SUBCOMMANDS = [["serve"], ["generate"], ["stream"], ["chat"], ["tokenize"], ["detokenize"], ["info"], ["load"],
                ["submit"], ["job"], ["job", "get"], ["job", "watch"], ["job", "wait"], ["job", "cancel"],
                ["job", "list"], ["job", "delete"], ["health"], ["bench"]]
 

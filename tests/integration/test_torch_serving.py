@@ -22,7 +22,7 @@ from server.config import ServerConfig  # noqa: E402
 DEMO_DIR = Path(__file__).resolve().parents[2] / "engines" / "torch" / "demo_model"
 HAVE_DEMO = (DEMO_DIR / "config.json").exists()
 needs_demo = pytest.mark.skipif(not HAVE_DEMO, reason="the embedded demo model has not landed yet")
-DEMO = TorchEngineConfig(scheduler=SchedulerConfig(max_num_seqs=64))
+DEMO = TorchEngineConfig(model="demo", scheduler=SchedulerConfig(max_num_seqs=64))
 DUMMY_TINY = TorchEngineConfig(load_format="dummy", dummy_shape="tiny",
                                scheduler=SchedulerConfig(max_num_seqs=16, num_blocks=256))
 

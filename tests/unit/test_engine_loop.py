@@ -75,7 +75,7 @@ class FakeRunner:
 
 
 def _config(**sched) -> TorchEngineConfig:
-    return TorchEngineConfig(scheduler=SchedulerConfig(block_size=4, **sched))
+    return TorchEngineConfig(model="demo", scheduler=SchedulerConfig(block_size=4, **sched))
 
 
 async def _engine(prefix_caching: bool = False, **runner_kw) -> tuple[TorchEngine, FakeRunner]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenrelay/v1/generation.proto\x12\rtokenrelay.v1\x1a\x1egoogle/protobuf/duration.proto\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xbc\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1e\n\x16include_stop_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x88\x02\n\x10GenerationParams\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.TokenIdsH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x31\n\x08stopping\x18\x05 \x01(\x0b\x32\x1f.tokenrelay.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06promptB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x95\x01\n\x06Timing\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.tokenrelay.v1.TopLogprob\"E\n\x0bMatchedStop\x12\x15\n\x0bstop_string\x18\x01 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x02 \x01(\x05H\x00\x42\x06\n\x04stop\"\xb6\x02\n\x10GenerationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12\x30\n\x0cmatched_stop\x18\x05 \x01(\x0b\x32\x1a.tokenrelay.v1.MatchedStop\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.tokenrelay.v1.Timing\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.tokenrelay.v1.TokenLogprob\x12\x0c\n\x04seed\x18\t \x01(\x04*\xc8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x42Y\n\x11\x64\x65v.tokenrelay.v1P\x01ZBgithub.com/tokenrelay/tokenrelay/gen/go/tokenrelay/v1;tokenrelayv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenrelay/v1/generation.proto\x12\rtokenrelay.v1\x1a\x1egoogle/protobuf/duration.proto\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xbc\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1e\n\x16include_stop_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.tokenrelay.v1.ChatMessage\"\xb9\x02\n\x10GenerationParams\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x08 \x01(\x0b\x32\x1b.tokenrelay.v1.ChatMessagesH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x31\n\x08stopping\x18\x05 \x01(\x0b\x32\x1f.tokenrelay.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06promptB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x95\x01\n\x06Timing\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.tokenrelay.v1.TopLogprob\"E\n\x0bMatchedStop\x12\x15\n\x0bstop_string\x18\x01 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x02 \x01(\x05H\x00\x42\x06\n\x04stop\"\xb6\x02\n\x10GenerationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12\x30\n\x0cmatched_stop\x18\x05 \x01(\x0b\x32\x1a.tokenrelay.v1.MatchedStop\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.tokenrelay.v1.Timing\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.tokenrelay.v1.TokenLogprob\x12\x0c\n\x04seed\x18\t \x01(\x04*\xc8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x42Y\n\x11\x64\x65v.tokenrelay.v1P\x01ZBgithub.com/tokenrelay/tokenrelay/gen/go/tokenrelay/v1;tokenrelayv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenrelay.v1.generation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021dev.tokenrelay.v1P\001ZBgithub.com/tokenrelay/tokenrelay/gen/go/tokenrelay/v1;tokenrelayv1'
-  _globals['_FINISHREASON']._serialized_start=1664
-  _globals['_FINISHREASON']._serialized_end=1864
+  _globals['_FINISHREASON']._serialized_start=1821
+  _globals['_FINISHREASON']._serialized_end=2021
   _globals['_SAMPLINGPARAMS']._serialized_start=82
   _globals['_SAMPLINGPARAMS']._serialized_end=420
   _globals['_STOPPINGCRITERIA']._serialized_start=423
   _globals['_STOPPINGCRITERIA']._serialized_end=611
   _globals['_TOKENIDS']._serialized_start=613
   _globals['_TOKENIDS']._serialized_end=636
-  _globals['_GENERATIONPARAMS']._serialized_start=639
-  _globals['_GENERATIONPARAMS']._serialized_end=903
-  _globals['_USAGE']._serialized_start=905
-  _globals['_USAGE']._serialized_end=985
-  _globals['_TIMING']._serialized_start=988
-  _globals['_TIMING']._serialized_end=1137
-  _globals['_TOPLOGPROB']._serialized_start=1139
-  _globals['_TOPLOGPROB']._serialized_end=1186
-  _globals['_TOKENLOGPROB']._serialized_start=1188
-  _globals['_TOKENLOGPROB']._serialized_end=1277
-  _globals['_MATCHEDSTOP']._serialized_start=1279
-  _globals['_MATCHEDSTOP']._serialized_end=1348
-  _globals['_GENERATIONRESULT']._serialized_start=1351
-  _globals['_GENERATIONRESULT']._serialized_end=1661
+  _globals['_CHATMESSAGE']._serialized_start=638
+  _globals['_CHATMESSAGE']._serialized_end=682
+  _globals['_CHATMESSAGES']._serialized_start=684
+  _globals['_CHATMESSAGES']._serialized_end=744
+  _globals['_GENERATIONPARAMS']._serialized_start=747
+  _globals['_GENERATIONPARAMS']._serialized_end=1060
+  _globals['_USAGE']._serialized_start=1062
+  _globals['_USAGE']._serialized_end=1142
+  _globals['_TIMING']._serialized_start=1145
+  _globals['_TIMING']._serialized_end=1294
+  _globals['_TOPLOGPROB']._serialized_start=1296
+  _globals['_TOPLOGPROB']._serialized_end=1343
+  _globals['_TOKENLOGPROB']._serialized_start=1345
+  _globals['_TOKENLOGPROB']._serialized_end=1434
+  _globals['_MATCHEDSTOP']._serialized_start=1436
+  _globals['_MATCHEDSTOP']._serialized_end=1505
+  _globals['_GENERATIONRESULT']._serialized_start=1508
+  _globals['_GENERATIONRESULT']._serialized_end=1818
 # @@protoc_insertion_point(module_scope)
