@@ -68,6 +68,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def _fused_linear(parts: tuple[nn.Linear, ...]) -> nn.Linear:
+    first = parts[0]
+    out = sum(p.out_features for p in parts)
+    fused = nn.Linear(first.in_features, out, bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, **factory) -> None:
         super().__init__()
@@ -86,13 +97,25 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, **factory)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): q, k and v in one matmul
+        self._split = (q_size, kv_size, kv_size)
+
+    def fuse(self) -> None:
+        """One [q|k|v] projection instead of three (fewer, larger matmuls); frees the parts."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = _fused_linear(parts)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -107,8 +130,16 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False, **factory)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False, **factory)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False, **factory)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear((self.gate_proj, self.up_proj))
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -147,6 +178,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         self.rotary = RotaryEmbedding(config, device)
         self.requires_grad_(False)
+
+    def fuse_projections(self) -> None:
+        """After loading: q/k/v and gate/up of every layer become one matmul each."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
