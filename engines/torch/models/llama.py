@@ -109,16 +109,23 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k are adjacent in the fused output: rotate both heads at once
+            qk, v = self.qkv_proj(x).split((self._split[0] + self._split[1], self._split[2]), dim=-1)
+            qk = apply_rope(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend.write_kv(kv_cache, k, v, meta)
         o = backend.attend(q, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
