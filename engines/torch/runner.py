@@ -71,7 +71,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype, self.device)
         with torch.inference_mode():
             loaded = load_model(config, self.device, self.dtype)
-            loaded.model.fuse_projections()
+            loaded.model.fuse_projections(packed=self.device.type == "cpu")
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer
