@@ -209,14 +209,14 @@ class HttpPeer:
 class OfflinePeer:
     """bench/peer_workers.py in the peer's own Python, spoken to over stdin/stdout JSON lines."""
 
-    def __init__(self, name: str, how: str, cmd: list[str]) -> None:
-        self.name, self.how, self.cmd = name, how, cmd
+    def __init__(self, name: str, how: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.name, self.how, self.cmd, self.env = name, how, cmd, env
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
     def start(self, timeout: float) -> None:
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, env=self.env)
         line = self._readline(timeout)
         if line.strip() != "ready":
             raise PeerError(f"worker did not start (said {line.strip()[:200]!r}, exit {self.proc.poll()})")

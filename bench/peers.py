@@ -78,7 +78,7 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
         if not tree or not (Path(tree) / "server").is_dir():
             print(f"skip tokenrelay@{label}: {tree!r} is not a tokenrelay tree")
             continue
-        env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(tree) / 'client'}"}
+        env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(tree) / 'client'}", "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model_dir, "--host", "127.0.0.1",
                "--max-num-seqs", str(max(args.concurrency, 1)), "--max-model-len", "1024",
                "--num-kv-blocks", str(args.concurrency * 20 + 64), *args.tokenrelay_arg]
@@ -101,6 +101,7 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
         else:
             port = free_port()
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
+                   "OMP_NUM_THREADS": str(args.threads),
                    "VLLM_LOGGING_LEVEL": "WARNING"}
             env.pop("PYTHONPATH", None)
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model_dir,
@@ -114,11 +115,11 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
     tf_python = args.transformers_python or sys.executable
     peers.append(OfflinePeer("transformers", "offline generate (one batch)",
                              [tf_python, worker, "transformers", "--model-dir", args.model_dir,
-                              "--threads", str(args.threads)]))
+                              "--threads", str(args.threads)], {**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
     if args.ct2_python and args.ct2_dir and Path(args.ct2_python).exists() and Path(args.ct2_dir).is_dir():
         peers.append(OfflinePeer("ctranslate2", "offline generate_batch (one batch)",
                                  [args.ct2_python, worker, "ctranslate2", "--model-dir", args.ct2_dir,
-                                  "--threads", str(args.threads)]))
+                                  "--threads", str(args.threads)], {**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
     else:
         print("skip ctranslate2: --ct2-python / --ct2-dir missing (pip install ctranslate2; ct2-transformers-converter)")
     del work

@@ -52,10 +52,11 @@ def physical_cores(cpuinfo: str | None = None) -> int:
 
 
 def configure_threads(num_threads: int) -> int:
-    """Intra-op threads = `num_threads` (0: physical cores); one inter-op thread (the engine
-    runs one step at a time, so a second pool would only compete for the same cores).
-    Returns the intra-op thread count in effect."""
-    want = num_threads or physical_cores()
+    """Intra-op threads = `num_threads` (0: OpenMP's standard OMP_NUM_THREADS when set, else the
+    physical cores); one inter-op thread (the engine runs one step at a time, so a second pool
+    would only compete for the same cores). Returns the intra-op thread count in effect."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    want = num_threads or (int(omp) if omp.isdigit() and int(omp) > 0 else physical_cores())
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
     if torch.get_num_interop_threads() != 1:
