@@ -106,7 +106,7 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
             env.pop("PYTHONPATH", None)
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model_dir,
                    "--host", "127.0.0.1", "--port", str(port), "--dtype", args.vllm_dtype, "--max-model-len", "1024",
-                   "--max-num-seqs", str(max(args.concurrency, 1)), "--disable-log-requests"]
+                   "--max-num-seqs", str(max(args.concurrency, 1))]
             peers.append(HttpPeer("vllm-cpu", f"vLLM OpenAI server (HTTP, {args.vllm_dtype})", cmd, env, port,
                                   ignore_eos_bias=False, start_timeout=args.start_timeout))
     else:
