@@ -90,7 +90,7 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
             port = free_port()
             cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", args.gguf, "--host", "127.0.0.1",
                    "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                   "--n_ctx", "1024", "--n_batch", "512"]
+                   "--n_ctx", "1024", "--n_batch", "512", "--interrupt_requests", "False"]
             peers.append(HttpPeer("llama.cpp", "llama-cpp-python server (HTTP)", cmd, dict(os.environ), port,
                                   ignore_eos_bias=True))
     else:
