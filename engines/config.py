@@ -31,7 +31,10 @@ class TorchEngineConfig:
     load_format: str = "auto"  # "auto": weights from the directory; "dummy": random weights
     dummy_shape: str = ""  # with load_format="dummy" and no model: a named shape, e.g. "llama-3.1-8b"
     device: str = "auto"  # "auto" (cuda when present, else cpu), "cpu" or "cuda[:n]"
-    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16
+    # "auto": bfloat16 on CUDA and on CPUs with AMX / AVX-512 BF16, else float32; or float32,
+    # bfloat16, float16
+    dtype: str = "auto"
+    num_threads: int = 0  # CPU intra-op threads; 0: this process's physical cores
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
     cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
@@ -43,6 +46,8 @@ class TorchEngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', not {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.num_threads < 0:
+            raise ValueError("num_threads must be >= 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
 

@@ -112,7 +112,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--load-format", str, "auto", "weights: auto (from --model) or dummy (random)", choices=("auto", "dummy"))
     add("--dummy-shape", str, "", "with --load-format dummy and no model: a named shape, e.g. llama-3.1-8b")
     add("--device", str, "auto", "auto (cuda when present, else cpu), cpu or cuda[:n]")
-    add("--dtype", str, "auto", "auto, float32, bfloat16, float16")
+    add("--dtype", str, "auto", "auto (bfloat16 on CUDA and on CPUs with AMX/AVX-512 BF16, else float32), "
+        "float32, bfloat16, float16")
+    add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: this process's physical cores")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
     add_bool("--cuda-graphs", True, "on CUDA: replay decode steps from CUDA graphs (--no-cuda-graphs: eager)")
@@ -177,7 +179,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 block_size=args.block_size, num_blocks=args.num_kv_blocks,
                                 max_model_len=args.max_model_len)
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
-                                     device=args.device, dtype=args.dtype,
+                                     device=args.device, dtype=args.dtype, num_threads=args.num_threads,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,
                                      scheduler=scheduler)

@@ -12,7 +12,7 @@ Sliding-window attention (Mistral v0.1) is not applied: attention is always full
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class AttentionMetadata:
     query_lens_host: list[int]
     context_lens_host: list[int]
     block_size: int
+    # Filled by TorchAttention on the step's first layer and reused by every other layer.
+    decode_plan: DecodePlan | None = None
 
     def __post_init__(self) -> None:
         if len(self.query_lens_host) != len(self.context_lens_host):
@@ -51,6 +53,16 @@ class AttentionMetadata:
         return all(q == 1 for q in self.query_lens_host)
 
 
+class DecodePlan(NamedTuple):
+    """What the decode rows of one step read from the cache, the same for every layer."""
+
+    token_idx: torch.Tensor | None  # [D] flat token of each decode row; None: token i is sequence i
+    block_ids: torch.Tensor  # [D * n] the rows' block tables, flattened, padded with block 0
+    bias: torch.Tensor  # [D, 1, 1, n * block_size] 0 where a position is in context, -inf past it
+    num_rows: int
+    num_blocks: int  # n: blocks per row
+
+
 class AttentionBackend(Protocol):
     def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  meta: AttentionMetadata) -> None:
@@ -62,11 +74,13 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttention:
-    """Portable backend: scaled_dot_product_attention over K/V gathered from the block tables.
+    """Portable backend: scaled_dot_product_attention over K/V read from the block tables.
 
-    Decode tokens (query length 1) of a step are attended together in one padded batch;
-    prefill chunks are attended one sequence at a time (their shapes come from host ints, so
-    no device synchronisation is needed).
+    Decode tokens (query length 1) of a step are attended together in one batch: which blocks
+    each row reads and its padding mask are worked out once per step (`DecodePlan`), then each
+    layer copies those blocks with one `index_select` for K and V together and runs SDPA with
+    grouped-query heads (no repeat of K/V per query head). Prefill chunks are attended one
+    sequence at a time (their shapes come from host ints, so no device synchronisation).
     """
 
     def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -77,12 +91,12 @@ class TorchAttention:
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
+        if meta.is_decode_only:
+            return self._decode(query, kv_cache, meta, scale)
         out = torch.empty_like(query)
-        decode_rows = [i for i, q in enumerate(meta.query_lens_host) if q == 1]
-        if decode_rows:
-            self._decode(query, kv_cache, meta, scale, decode_rows, out)
-        if len(decode_rows) == meta.num_seqs:
-            return out
+        if any(q == 1 for q in meta.query_lens_host):
+            plan = self._plan(meta, query.dtype)
+            out[plan.token_idx] = self._decode(query[plan.token_idx], kv_cache, meta, scale)
         start = 0
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
             if q_len > 1:
@@ -92,19 +106,17 @@ class TorchAttention:
         return out
 
     @staticmethod
-    def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # block_ids [..., n] -> key/value [..., n * block_size, kv_heads, head_dim]
-        k = kv_cache[0][block_ids]
-        v = kv_cache[1][block_ids]
-        shape = (*block_ids.shape[:-1], -1, *k.shape[-2:])
-        return k.reshape(shape), v.reshape(shape)
+    def _read_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """block_ids [n] -> [2, n * block_size, kv_heads, head_dim]: K and V in one copy."""
+        kv = kv_cache.index_select(1, block_ids)
+        return kv.view(2, -1, *kv.shape[-2:])
 
     def _prefill_one(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      ctx: int, block_size: int, scale: float) -> torch.Tensor:
         q_len = q.shape[0]
         num_blocks = -(-ctx // block_size)
-        k, v = self._gather(kv_cache, block_table[:num_blocks])
-        k, v = k[:ctx].transpose(0, 1), v[:ctx].transpose(0, 1)  # [kv_heads, ctx, d]
+        kv = self._read_blocks(kv_cache, block_table[:num_blocks])
+        k, v = kv[0, :ctx].transpose(0, 1), kv[1, :ctx].transpose(0, 1)  # [kv_heads, ctx, d]
         qh = q.transpose(0, 1)  # [heads, q_len, d]
         if q_len == ctx:
             o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -114,26 +126,32 @@ class TorchAttention:
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float, rows: list[int], out: torch.Tensor) -> None:
+    @staticmethod
+    def _plan(meta: AttentionMetadata, dtype: torch.dtype) -> DecodePlan:
+        if meta.decode_plan is not None:
+            return meta.decode_plan
+        rows = [i for i, q in enumerate(meta.query_lens_host) if q == 1]
         if len(rows) == meta.num_seqs:
-            token_idx = None  # every sequence decodes: the flat token i is sequence i
-            q = query
-            tables, lens = meta.block_tables, meta.context_lens
+            token_idx, tables, lens = None, meta.block_tables, meta.context_lens
             max_ctx = max(meta.context_lens_host)
         else:
             rows_t = meta.decode_seqs
             token_idx = meta.cu_seqlens_q[rows_t]
-            q = query[token_idx]
             tables, lens = meta.block_tables[rows_t], meta.context_lens[rows_t]
             max_ctx = max(meta.context_lens_host[i] for i in rows)
         num_blocks = -(-max_ctx // meta.block_size)
-        k, v = self._gather(kv_cache, tables[:, :num_blocks])  # [B, n, kv_heads, d]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv_heads, n, d]
-        mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                           scale=scale, enable_gqa=True).squeeze(2)
-        if token_idx is None:
-            out.copy_(o)
-        else:
-            out[token_idx] = o
+        positions = torch.arange(num_blocks * meta.block_size, device=lens.device)
+        bias = torch.zeros((len(rows), 1, 1, positions.shape[0]), dtype=dtype, device=lens.device)
+        bias.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :], float("-inf"))
+        meta.decode_plan = DecodePlan(token_idx, tables[:, :num_blocks].reshape(-1), bias, len(rows), num_blocks)
+        return meta.decode_plan
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q [D, heads, d] (the decode rows' tokens, in row order) -> [D, heads, d]."""
+        plan = self._plan(meta, q.dtype)
+        kv = self._read_blocks(kv_cache, plan.block_ids).view(2, plan.num_rows, -1, *kv_cache.shape[-2:])
+        k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [D, kv_heads, n * block_size, d]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=plan.bias, scale=scale,
+                                           enable_gqa=True)
+        return o.squeeze(2)

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 from engines.base import InvalidRequest, ModelInfo, TokenLogprob
 from engines.config import TorchEngineConfig
 from engines.scheduler.sequence import RunnerOutput, ScheduledChunk, SchedulerOutput
-from engines.torch.attention import AttentionBackend, AttentionMetadata
+from engines.torch.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from engines.torch.backends import default_attention, resolve_device
+from engines.torch.cpu import configure_threads, cpu_has_native_bf16
 from engines.torch.kv_cache import KVCache, size_num_blocks
 from engines.torch.loader import load_model, resolve_dtype
 from engines.torch.sampler import Sampler, SamplingBatch, step_seed
@@ -61,9 +62,15 @@ class ModelRunner:
     def __init__(self, config: TorchEngineConfig, attention: AttentionBackend | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        dtype = config.dtype
+        if self.device.type == "cpu":
+            self.num_threads = configure_threads(config.num_threads)
+            if dtype == "auto" and cpu_has_native_bf16():
+                dtype = "bfloat16"  # AMX / AVX-512 BF16: bf16 matmuls beat fp32 here
+        self.dtype = resolve_dtype(dtype, self.device)
         with torch.inference_mode():
             loaded = load_model(config, self.device, self.dtype)
+            loaded.model.fuse_projections(packed=self.device.type == "cpu")
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer
@@ -117,42 +124,51 @@ class ModelRunner:
         return self._collect(sample_chunks, token_ids, chosen, top_ids, top_vals)
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk], pack: _HostPack) -> dict[str, int]:
+        """Whole-batch numpy: the Python loop only reads each chunk's fields and block table."""
         bs = self.block_size
-        vocab = self.model_config.vocab_size
-        ids, positions, slots, cu, logits_idx = [], [], [], [0], []
-        max_blocks = max(-(-c.end // bs) for c in chunks)
-        tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+        n = len(chunks)
+        starts = np.fromiter((c.start for c in chunks), np.int64, n)
+        ends = np.fromiter((c.end for c in chunks), np.int64, n)
+        q_lens = ends - starts
+        blocks_needed = -(-ends // bs)
+        tables = np.zeros((n, int(blocks_needed.max())), dtype=np.int64)
+        token_lists = []
         for row, c in enumerate(chunks):
             seq = c.seq
             if c.num_new_tokens < 1 or c.start < 0 or c.end > seq.num_tokens:
                 raise ValueError(f"{seq.request_id}: chunk [{c.start}, {c.end}) outside its {seq.num_tokens} tokens")
-            n_blocks = -(-c.end // bs)
-            if len(seq.block_table) < n_blocks:
+            nb = int(blocks_needed[row])
+            if len(seq.block_table) < nb:
                 raise ValueError(f"{seq.request_id}: block table has {len(seq.block_table)} blocks, "
-                                 f"{n_blocks} needed for {c.end} tokens")
-            table = np.asarray(seq.block_table[:n_blocks], dtype=np.int64)
-            if table.min() < 0 or table.max() >= self.num_blocks:
-                raise ValueError(f"{seq.request_id}: block id outside the pool of {self.num_blocks}")
-            tokens = np.asarray(seq.token_ids[c.start:c.end], dtype=np.int64)
-            if tokens.min() < 0 or tokens.max() >= vocab:
-                raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
-            pos = np.arange(c.start, c.end, dtype=np.int64)
-            ids.append(tokens)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables[row, :n_blocks] = table
-            cu.append(cu[-1] + c.num_new_tokens)
-            if c.sample:
-                logits_idx.append(cu[-1] - 1)
+                                 f"{nb} needed for {c.end} tokens")
+            tables[row, :nb] = seq.block_table[:nb]
+            token_lists.append(seq.token_ids[c.start] if c.num_new_tokens == 1 else seq.token_ids[c.start:c.end])
+        if tables.min() < 0 or tables.max() >= self.num_blocks:
+            bad = int(np.nonzero((tables < 0).any(1) | (tables >= self.num_blocks).any(1))[0][0])
+            raise ValueError(f"{chunks[bad].seq.request_id}: block id outside the pool of {self.num_blocks}")
+        if all(isinstance(t, int) for t in token_lists):
+            input_ids = np.array(token_lists, dtype=np.int64)
+        else:
+            input_ids = np.concatenate([np.asarray([t] if isinstance(t, int) else t, dtype=np.int64)
+                                        for t in token_lists])
+        vocab = self.model_config.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        row_of = np.repeat(np.arange(n), q_lens)
+        positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+        slots = tables[row_of, positions // bs] * bs + positions % bs
+        sample = np.fromiter((c.sample for c in chunks), bool, n)
         return {
-            "input_ids": pack.add(np.concatenate(ids), np.int64),
-            "positions": pack.add(np.concatenate(positions), np.int64),
-            "slots": pack.add(np.concatenate(slots), np.int64),
+            "input_ids": pack.add(input_ids, np.int64),
+            "positions": pack.add(positions, np.int64),
+            "slots": pack.add(slots, np.int64),
             "tables": pack.add(tables, np.int64),
-            "ctx": pack.add([c.end for c in chunks], np.int64),
+            "ctx": pack.add(ends, np.int64),
             "cu": pack.add(cu, np.int64),
-            "decode": pack.add([i for i, c in enumerate(chunks) if c.num_new_tokens == 1], np.int64),
-            "logits_idx": pack.add(logits_idx, np.int64),
+            "decode": pack.add(np.nonzero(q_lens == 1)[0], np.int64),
+            "logits_idx": pack.add(cu[1:][sample] - 1, np.int64),
         }
 
     def _prepare_sampling(self, chunks: list[ScheduledChunk], pack: _HostPack) -> dict[str, int]:
