@@ -112,10 +112,12 @@ class ServerHandle:
         return await self._stop_server(grace)
 
     async def _stop_server(self, grace: float) -> bool:
-        """grpc core stops listening and sends GOAWAY; it returns once no call is left."""
-        started = time.monotonic()
-        await self.server.stop(grace)
-        return time.monotonic() - started < grace or self.admission.in_flight == 0
+        """grpc core stops listening and sends GOAWAY; it returns once no call is left. True when
+        every interactive call finished within the grace (none had to be cancelled)."""
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        drained = await self.admission.wait_idle(grace)
+        await stopping
+        return drained
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop serving (cancelling calls still running after `grace`) and shut the engine down."""
