@@ -25,6 +25,7 @@ from engines.base import (
     RequestOutput, Usage,
 )
 from engines.config import TorchEngineConfig
+from engines import tokenization
 from engines.detokenizer import IncrementalDetokenizer
 from engines.scheduler.block_manager import BlockManager
 from engines.scheduler.scheduler import Scheduler
@@ -126,15 +127,13 @@ class TorchEngine:
         if not self._thread.is_alive():
             raise EngineDeadError("engine thread exited")
 
-    # The batch forms release the GIL while they work (`encode` / `decode` hold it), so a large
-    # input tokenized on a worker thread does not stall the event loop.
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.info()
-        return self._runner.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return tokenization.encode(self._runner.tokenizer, text, add_special_tokens)
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         self.info()
-        return self._runner.tokenizer.decode_batch([list(token_ids)], skip_special_tokens=skip_special_tokens)[0]
+        return tokenization.decode(self._runner.tokenizer, token_ids, skip_special_tokens)
 
     def add_request(self, request: Request) -> RequestStream:
         self._validate(request)

@@ -46,8 +46,8 @@ class GGUFTokenizerInfo:
     add_bos_token: bool
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte 0..255 (byte-level BPE), in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
@@ -73,7 +73,7 @@ def _merges(gguf: GGUFFile) -> list[tuple[str, str]]:
 
 
 def _byte_level(gguf: GGUFFile, tokens: list[str]) -> Tokenizer:
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     spelled = set(alphabet.values())
     # A token written outside the byte alphabet is spelled byte by byte, so BPE can reach it.
     vocab = {}
@@ -133,7 +133,7 @@ def tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Tokenizer, GGUFTokenizerInfo]:
     tokens = [str(t) for t in tokens]
     if kind == "gpt2":
         tok = _byte_level(gguf, tokens)
-        spelled = set(_byte_alphabet().values())
+        spelled = set(byte_alphabet().values())
     elif kind == "llama":
         tok = _sentencepiece(gguf, tokens)
         spelled = None

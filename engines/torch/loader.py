@@ -34,7 +34,7 @@ from engines.chat_template import (
 )
 from engines.config import DEMO_MODEL, TorchEngineConfig
 from engines.torch import gguf_loader
-from engines.torch.gguf_tokenizer import tokenizer_from_gguf
+from engines.torch.gguf_tokenizer import byte_alphabet, tokenizer_from_gguf
 from engines.torch.models import LlamaForCausalLM
 from engines.torch.shapes import ModelConfig, named_shape
 
@@ -116,26 +116,12 @@ def resolve_model_dir(config: TorchEngineConfig) -> Path | None:
 
 def byte_level_tokenizer() -> Tokenizer:
     """256 byte tokens (id = byte value), then <s> = 256 and </s> = 257."""
-    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    vocab = {ch: i for i, ch in enumerate(byte_alphabet().values())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>"])
     return tok
-
-
-def _byte_alphabet() -> list[str]:
-    """The printable stand-in for each byte 0..255 used by byte-level BPE."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = 0
-    chars = {}
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def load_model(config: TorchEngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -37,6 +37,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from engines import tokenization
 from engines.base import (
     EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
     RequestOutput, TokenLogprob, Usage,
@@ -175,11 +176,11 @@ class TrtllmEngine:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.info()
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return tokenization.encode(self._tokenizer, text, add_special_tokens)
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         self.info()
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return tokenization.decode(self._tokenizer, token_ids, skip_special_tokens)
 
     def add_request(self, request: Request) -> RequestStream:
         self._validate(request)
