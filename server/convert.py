@@ -24,7 +24,6 @@ from server.chat import ChatEncoder, chat_prompt
 from server.errors import InvalidRequests
 from server.limits import InputLimits
 
-MAX_SEED = (1 << 53) - 1  # server-chosen seeds stay exact in a JavaScript number (an IEEE double)
 MAX_ID_VIOLATIONS = 8  # per list of token ids: enough to show the pattern, bounded
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_MAX_TOKENS = 16

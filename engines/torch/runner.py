@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from engines.base import InvalidRequest, ModelInfo, TokenLogprob
 from engines.config import TorchEngineConfig
 from engines.scheduler.sequence import RunnerOutput, ScheduledChunk, SchedulerOutput
-from engines.torch.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from engines.torch.attention import AttentionBackend, AttentionMetadata
 from engines.torch.backends import default_attention, resolve_device
 from engines.torch.cpu import configure_threads, cpu_has_native_bf16
 from engines.torch.kv_cache import KVCache, size_num_blocks
