@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import Request, SamplingParams, StoppingCriteria  # noqa: E402
-from engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
-from engines.scheduler.sequence import RunnerOutput, SchedulerOutput  # noqa: E402
-from engines.torch.engine import TorchEngine  # noqa: E402
-from engines.torch.runner import ModelRunner  # noqa: E402
+from tokenrelay_engines.base import Request, SamplingParams, StoppingCriteria  # noqa: E402
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
+from tokenrelay_engines.scheduler.sequence import RunnerOutput, SchedulerOutput  # noqa: E402
+from tokenrelay_engines.torch.engine import TorchEngine  # noqa: E402
+from tokenrelay_engines.torch.runner import ModelRunner  # noqa: E402
 from bench.roofline import roofline, table  # noqa: E402
 
 

@@ -25,7 +25,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def start(extra: list[str]) -> tuple[subprocess.Popen, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "tokenrelay_server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                              "--log-level", "WARNING", *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     seen = b""

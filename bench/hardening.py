@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Server:
     def __init__(self, tree: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'client'}", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay_server.main", "--host", "127.0.0.1", "--port", "0",
                                       *args], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
@@ -50,7 +50,7 @@ class Server:
 
 def supports(tree: Path, flag: str) -> bool:
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'client'}"}
-    out = subprocess.run([sys.executable, "-m", "server.main", "--help"], cwd=tree, env=env,
+    out = subprocess.run([sys.executable, "-m", "tokenrelay_server.main", "--help"], cwd=tree, env=env,
                          capture_output=True, text=True, timeout=120).stdout
     return flag in out
 

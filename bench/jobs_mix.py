@@ -1,6 +1,6 @@
 """Interactive time-to-first-token alone vs next to bulk jobs, on one tokenrelay server.
 
-Starts `python -m server.main` (synthetic engine with a limited batch by default, or the torch
+Starts `python -m tokenrelay_server.main` (synthetic engine with a limited batch by default, or the torch
 demo engine with `--engine torch`) on a fresh SQLite job store, then:
 
   1. interactive only: `--clients` concurrent GenerateStream loops for `--duration` seconds;
@@ -43,7 +43,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def start_server(args: argparse.Namespace, workdir: str) -> tuple[asyncio.subprocess.Process, str]:
-    cmd = [sys.executable, "-m", "server.main", "--engine", args.engine, "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "tokenrelay_server.main", "--engine", args.engine, "--host", "127.0.0.1", "--port", "0",
            "--max-num-seqs", str(args.max_num_seqs), "--log-level", "WARNING",
            "--jobs-store", f"sqlite://{workdir}/jobs.db", "--jobs-max-running", str(args.jobs_max_running),
            "--max-pending-requests", "4096"]

@@ -4,7 +4,7 @@ Redis outage, and what the stores write per persisted delta of a job with a big 
 
     python bench/jobs_recovery.py --tree /path/to/old/checkout --tree . --repeat 3
 
-Each tree's servers run as `python -m server.main` processes with that tree first on PYTHONPATH
+Each tree's servers run as `python -m tokenrelay_server.main` processes with that tree first on PYTHONPATH
 (the store measurement runs in a child process the same way). Needs redis-server.
 """
 
@@ -122,9 +122,9 @@ async def store_writes(redis_url: str, params_bytes: int, n: int) -> dict:
     """In this process, with the tree on sys.path: per delta of a job whose params document
     is `params_bytes` long, bytes handed to write(2) by SQLite, its file growth (db + WAL), and
     bytes Redis received."""
-    from server.jobs.model import Delta
-    from server.jobs.redis_store import RedisJobStore
-    from server.jobs.sqlite_store import SqliteJobStore
+    from tokenrelay_server.jobs.model import Delta
+    from tokenrelay_server.jobs.redis_store import RedisJobStore
+    from tokenrelay_server.jobs.sqlite_store import SqliteJobStore
     from tests.jobs.helpers import make_job
 
     out = {}
@@ -165,7 +165,7 @@ async def measure_stores(tree: Path, work: Path, params_bytes: int, n: int) -> d
 
 
 async def _queue(url: str, n: int, max_tokens: int) -> list[str]:
-    from server.jobs.redis_store import RedisJobStore
+    from tokenrelay_server.jobs.redis_store import RedisJobStore
     from tests.jobs.helpers import build_job, started_synthetic, submit_request
 
     engine = await started_synthetic()

@@ -79,7 +79,7 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
             print(f"skip tokenrelay@{label}: {tree!r} is not a tokenrelay tree")
             continue
         env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(tree) / 'client'}", "OMP_NUM_THREADS": str(args.threads)}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model_dir, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--model", args.model_dir, "--host", "127.0.0.1",
                "--max-num-seqs", str(max(args.concurrency, 1)), "--max-model-len", "1024",
                "--num-kv-blocks", str(args.concurrency * 20 + 64), *args.tokenrelay_arg]
         peers.append(GrpcPeer(f"tokenrelay@{label}", "gRPC server", cmd, env, tree, free_port))

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from engines.base import Request, SamplingParams, StoppingCriteria
-from engines.config import SchedulerConfig, TorchEngineConfig
-from engines.torch.backends import resolve_device
-from engines.torch.engine import TorchEngine
-from engines.torch.shapes import ModelConfig
+from tokenrelay_engines.base import Request, SamplingParams, StoppingCriteria
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.torch.backends import resolve_device
+from tokenrelay_engines.torch.engine import TorchEngine
+from tokenrelay_engines.torch.shapes import ModelConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -166,7 +166,7 @@ async def roofline(args: Any) -> dict[str, Any]:
     timers: list[_StepTimer] = []
 
     def factory(cfg: TorchEngineConfig) -> _StepTimer:
-        from engines.torch.runner import ModelRunner
+        from tokenrelay_engines.torch.runner import ModelRunner
 
         timers.append(_StepTimer(ModelRunner(cfg)))
         return timers[-1]

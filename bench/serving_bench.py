@@ -3,7 +3,7 @@
 A thin wrapper around `tokenrelay.loadgen` (the same as `tokenrelay bench`), with defaults for
 a serving sweep. Start a server first, e.g. the synthetic engine for serving overhead:
 
-    python -m server.cli serve --engine synthetic --port 50051 &
+    python -m tokenrelay_server.cli serve --engine synthetic --port 50051 &
     python bench/serving_bench.py --target localhost:50051 --concurrency 1,4,16,64 \
         --num-requests 200 --input-len 128 --output-len 128 --json-out bench/results/serving.json
 

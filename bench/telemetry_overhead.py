@@ -51,7 +51,7 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 def _start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
            "--port", "0", *flags]  # INFO: access lines are written (to /dev/null)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
@@ -69,7 +69,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _bench(target: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
     """(output tokens/s, output tokens) of one run."""
-    cmd = [sys.executable, "-m", "server.cli", "bench", "--target", target, "--concurrency", str(args.concurrency),
+    cmd = [sys.executable, "-m", "tokenrelay_server.cli", "bench", "--target", target, "--concurrency", str(args.concurrency),
            "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--warmup", "8", "--no-progress", "--json-out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engines.base import (
+from tokenrelay_engines.base import (
     EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
     RequestOutput, TokenLogprob, Usage,
 )

@@ -5,7 +5,7 @@
 # Any flags go to `tokenrelay serve` (see `tokenrelay serve --help`), e.g. --model demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import server.main, tokenrelay.client, gguf, jinja2" >/dev/null 2>&1 || ! command -v tokenrelay >/dev/null; then
+if ! python -c "import tokenrelay_server.main, tokenrelay.client, gguf, jinja2" >/dev/null 2>&1 || ! command -v tokenrelay >/dev/null; then
   # constraints/ci.txt pins the CPU build of torch; on a GPU host install torch first and drop -c.
   python -m pip install -q -c constraints/ci.txt -e ./client -e .
 fi

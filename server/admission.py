@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server.config import AdmissionConfig
-from server.errors import AdmissionRejected
+from tokenrelay_server.config import AdmissionConfig
+from tokenrelay_server.errors import AdmissionRejected
 
 
 class AdmissionTicket:

@@ -19,15 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
 
-from engines.base import AsyncEngine, FinishReason, Request, SamplingParams, StoppingCriteria
-from server.admission import AdmissionController
-from server.config import ServerConfig
-from server.health import ServingState, watch_engine
-from server.jobs.component import JobsComponent
-from server.jobs.store import open_store
-from server.security import Security
-from server.telemetry import Telemetry
-from server.text_generation import TextGenerationServiceServicer
+from tokenrelay_engines.base import AsyncEngine, FinishReason, Request, SamplingParams, StoppingCriteria
+from tokenrelay_server.admission import AdmissionController
+from tokenrelay_server.config import ServerConfig
+from tokenrelay_server.health import ServingState, watch_engine
+from tokenrelay_server.jobs.component import JobsComponent
+from tokenrelay_server.jobs.store import open_store
+from tokenrelay_server.security import Security
+from tokenrelay_server.telemetry import Telemetry
+from tokenrelay_server.text_generation import TextGenerationServiceServicer
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 def build_engine(config: ServerConfig) -> AsyncEngine:
     """The engine `config.engine` names, built from its typed config (torch imported lazily)."""
     if config.engine == "synthetic":
-        from engines.synthetic import SyntheticEngine
+        from tokenrelay_engines.synthetic import SyntheticEngine
 
         return SyntheticEngine(config.synthetic)
     if config.engine == "trtllm":
-        from engines.trtllm.engine import TrtllmEngine
+        from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
         return TrtllmEngine(config.trtllm)
-    from engines.torch.engine import TorchEngine
+    from tokenrelay_engines.torch.engine import TorchEngine
 
     return TorchEngine(config.torch)
 

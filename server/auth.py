@@ -27,10 +27,10 @@ from typing import Any
 
 import grpc
 
-from server import call_context
-from server.errors import Unauthenticated, abort
-from server.interceptors import metadata_value, wrap_handler
-from server.tenants import TenantLimiter, TenantLimits
+from tokenrelay_server import call_context
+from tokenrelay_server.errors import Unauthenticated, abort
+from tokenrelay_server.interceptors import metadata_value, wrap_handler
+from tokenrelay_server.tenants import TenantLimiter, TenantLimits
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 
-from server.tenants import TenantLimits
+from tokenrelay_server.tenants import TenantLimits
 
 
 @dataclass(slots=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from engines.base import AsyncEngine
-from engines.chat_template import ROLES, ChatMessage, ChatTemplate, ChatTemplateError
-from server.errors import FailedPrecondition, InvalidRequests
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_engines.chat_template import ROLES, ChatMessage, ChatTemplate, ChatTemplateError
+from tokenrelay_server.errors import FailedPrecondition, InvalidRequests
 
 MAX_CHAT_MESSAGES = 1024
 FIELD = "params.messages"

@@ -81,7 +81,7 @@ def _client(args: argparse.Namespace) -> Client:
 # -- commands ------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> NoReturn:
-    from server import main as server_main
+    from tokenrelay_server import main as server_main
 
     server_main.exit_now(server_main.run(server_main.config_from_args(args)))
 
@@ -125,7 +125,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from server.cli_chat import chat_loop
+    from tokenrelay_server.cli_chat import chat_loop
 
     with _client(args) as client:
         return chat_loop(client, generation_options(args), system=args.system)
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--engine synthetic serves a model-free engine for benchmarks. Every flag also "
                 "reads TOKENRELAY_<FLAG>.",
                 client=False)
-    from server import main as server_main
+    from tokenrelay_server import main as server_main
     server_main.add_serve_arguments(serve)
 
     for name, handler, summary in (
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
               "(GenerateStream with chat messages, rendered by the model's chat template), and the "
               "conversation is kept. /reset starts over; /exit or Ctrl-D quits; Ctrl-C stops a reply.")
     add_generation_options(sub)
-    from server.cli_chat import add_chat_arguments
+    from tokenrelay_server.cli_chat import add_chat_arguments
     add_chat_arguments(sub)
 
     sub = add("tokenize", cmd_tokenize, "print the token ids of a text, as JSON")

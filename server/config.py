@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engines.config import TorchEngineConfig, TrtllmEngineConfig
-from engines.synthetic import SyntheticEngineConfig
-from server.jobs.model import JobsConfig
-from server.limits import InputLimits
-from server.security import SecurityConfig
-from server.telemetry.config import TelemetryConfig
+from tokenrelay_engines.config import TorchEngineConfig, TrtllmEngineConfig
+from tokenrelay_engines.synthetic import SyntheticEngineConfig
+from tokenrelay_server.jobs.model import JobsConfig
+from tokenrelay_server.limits import InputLimits
+from tokenrelay_server.security import SecurityConfig
+from tokenrelay_server.telemetry.config import TelemetryConfig
 
 ENGINES = ("torch", "synthetic", "trtllm")
 

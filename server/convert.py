@@ -16,13 +16,13 @@ from collections.abc import Callable
 from google.protobuf import duration_pb2
 from tokenrelay.v1 import generation_pb2, text_generation_pb2
 
-from engines.base import (
+from tokenrelay_engines.base import (
     EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics, RequestOutput,
     SamplingParams, StoppingCriteria, TokenLogprob, Usage,
 )
-from server.chat import ChatEncoder, chat_prompt
-from server.errors import InvalidRequests
-from server.limits import InputLimits
+from tokenrelay_server.chat import ChatEncoder, chat_prompt
+from tokenrelay_server.errors import InvalidRequests
+from tokenrelay_server.limits import InputLimits
 
 MAX_ID_VIOLATIONS = 8  # per list of token ids: enough to show the pattern, bounded
 PRIORITY_RANGE = (-100, 100)

@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from engines.base import EngineDeadError, InvalidRequest
+from tokenrelay_engines.base import EngineDeadError, InvalidRequest
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "tokenrelay.dev"

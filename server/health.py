@@ -15,8 +15,8 @@ import logging
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from engines.base import AsyncEngine, EngineDeadError
-from server.errors import NotReady, ServerDraining
+from tokenrelay_engines.base import AsyncEngine, EngineDeadError
+from tokenrelay_server.errors import NotReady, ServerDraining
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Logging set-up: text or JSON lines, each carrying the request id, tenant and trace id of
-the call it is about (from server.call_context), and the access-log fields when present.
+the call it is about (from tokenrelay_server.call_context), and the access-log fields when present.
 
     configure_logging(level="INFO", log_format="json")
 """
@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
-from server import call_context
+from tokenrelay_server import call_context
 
 _CONTEXT_FIELDS = ("request_id", "tenant", "trace_id")
 

@@ -1,6 +1,6 @@
 """Process entry: flags / env vars -> ServerConfig -> serve until SIGTERM/SIGINT, then drain.
 
-    python -m server.main --engine synthetic --host 127.0.0.1 --port 0
+    python -m tokenrelay_server.main --engine synthetic --host 127.0.0.1 --port 0
 
 Every flag's default can also come from the environment as TOKENRELAY_<FLAG> (dashes as
 underscores, e.g. TOKENRELAY_MAX_NUM_SEQS). Once the server is listening and warmed up, one
@@ -19,16 +19,16 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from engines.base import AsyncEngine
-from engines.config import SchedulerConfig, TorchEngineConfig, TrtllmEngineConfig
-from engines.synthetic import SyntheticEngineConfig
-from server.app import ServerHandle, start_server
-from server.config import ENGINES, AdmissionConfig, GrpcServerOptions, ServerConfig
-from server.jobs.component import add_jobs_arguments, jobs_config_from_args
-from server.limits import InputLimits
-from server.logs import configure_logging
-from server.security import add_security_arguments, security_config_from_args
-from server.telemetry.config import add_telemetry_arguments, telemetry_config_from_args
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig, TrtllmEngineConfig
+from tokenrelay_engines.synthetic import SyntheticEngineConfig
+from tokenrelay_server.app import ServerHandle, start_server
+from tokenrelay_server.config import ENGINES, AdmissionConfig, GrpcServerOptions, ServerConfig
+from tokenrelay_server.jobs.component import add_jobs_arguments, jobs_config_from_args
+from tokenrelay_server.limits import InputLimits
+from tokenrelay_server.logs import configure_logging
+from tokenrelay_server.security import add_security_arguments, security_config_from_args
+from tokenrelay_server.telemetry.config import add_telemetry_arguments, telemetry_config_from_args
 
 log = logging.getLogger("tokenrelay")
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -311,7 +311,7 @@ def exit_now(code: int) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.main", description="tokenrelay gRPC server")
+    parser = argparse.ArgumentParser(prog="python -m tokenrelay_server.main", description="tokenrelay gRPC server")
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:

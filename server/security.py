@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from server.auth import AuthConfig, Authenticator, AuthInterceptor
-from server.tenants import TenantLimiter
-from server.tls import ServerCertificates, TlsConfig
+from tokenrelay_server.auth import AuthConfig, Authenticator, AuthInterceptor
+from tokenrelay_server.tenants import TenantLimiter
+from tokenrelay_server.tls import ServerCertificates, TlsConfig
 
 log = logging.getLogger(__name__)
 

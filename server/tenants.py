@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import AdmissionRejected
+from tokenrelay_server.errors import AdmissionRejected
 
 QUOTA_REASON = "TENANT_QUOTA_EXCEEDED"
 

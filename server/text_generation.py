@@ -18,15 +18,15 @@ from collections.abc import AsyncIterator
 import grpc
 from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_pb2_grpc
 
-from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
-from server import convert
-from server.admission import AdmissionController
-from server.chat import ChatPrompts
-from server.errors import (
+from tokenrelay_engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
+from tokenrelay_server import convert
+from tokenrelay_server.admission import AdmissionController
+from tokenrelay_server.chat import ChatPrompts
+from tokenrelay_server.errors import (
     Cancelled, DeadlineExceeded, EngineFailed, InvalidRequests, ServerDraining, abort, abort_on_error,
 )
-from server.health import ServingState
-from server.limits import InputLimits
+from tokenrelay_server.health import ServingState
+from tokenrelay_server.limits import InputLimits
 
 INLINE_TOKENIZE_CHARS = 4096  # longer texts are tokenized / detokenized off the event loop
 INLINE_DETOKENIZE_IDS = 1024

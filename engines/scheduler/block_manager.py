@@ -16,7 +16,7 @@ import hashlib
 from collections import deque
 from dataclasses import dataclass
 
-from engines.scheduler.sequence import Sequence
+from tokenrelay_engines.scheduler.sequence import Sequence
 
 
 class OutOfBlocks(RuntimeError):

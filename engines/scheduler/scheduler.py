@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from engines.base import FinishReason
-from engines.config import SchedulerConfig
-from engines.scheduler.block_manager import BlockManager
-from engines.scheduler.sequence import (
+from tokenrelay_engines.base import FinishReason
+from tokenrelay_engines.config import SchedulerConfig
+from tokenrelay_engines.scheduler.block_manager import BlockManager
+from tokenrelay_engines.scheduler.sequence import (
     RunnerOutput,
     ScheduledChunk,
     SchedulerOutput,

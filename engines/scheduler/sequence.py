@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engines.base import FinishReason, Request, TokenLogprob
+from tokenrelay_engines.base import FinishReason, Request, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from engines.torch.attention import AttentionBackend, TorchAttention
+from tokenrelay_engines.torch.attention import AttentionBackend, TorchAttention
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,7 +29,7 @@ def triton_available() -> bool:
 
 def default_attention(device: torch.device) -> AttentionBackend:
     if device.type == "cuda" and triton_available():
-        from engines.torch.triton_attention import TritonAttention
+        from tokenrelay_engines.torch.triton_attention import TritonAttention
 
         return TritonAttention()
     return TorchAttention()

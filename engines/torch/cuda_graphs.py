@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from engines.torch.attention import AttentionMetadata
+from tokenrelay_engines.torch.attention import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_GRAPH_CONTEXT = 8192  # contexts beyond this decode eagerly (the graph's partition count is fixed)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv: torch.Tensor, *, max_batch: int, max_context_len: int,
                  block_size: int, hidden_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        from engines.torch.triton_attention import TritonAttention
+        from tokenrelay_engines.torch.triton_attention import TritonAttention
 
         self.model, self.kv, self.block_size = model, kv, block_size
         self.max_context_len = min(max_context_len, MAX_GRAPH_CONTEXT)

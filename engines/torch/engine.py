@@ -20,20 +20,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engines.base import (
+from tokenrelay_engines.base import (
     EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
     RequestOutput, Usage,
 )
-from engines.config import TorchEngineConfig
-from engines import tokenization
-from engines.detokenizer import IncrementalDetokenizer
-from engines.scheduler.block_manager import BlockManager
-from engines.scheduler.scheduler import Scheduler
-from engines.scheduler.sequence import Sequence, SequenceStatus
-from engines.torch.streams import OutputSlot, RequestStream, Throughput
+from tokenrelay_engines.config import TorchEngineConfig
+from tokenrelay_engines import tokenization
+from tokenrelay_engines.detokenizer import IncrementalDetokenizer
+from tokenrelay_engines.scheduler.block_manager import BlockManager
+from tokenrelay_engines.scheduler.scheduler import Scheduler
+from tokenrelay_engines.scheduler.sequence import Sequence, SequenceStatus
+from tokenrelay_engines.torch.streams import OutputSlot, RequestStream, Throughput
 
 if TYPE_CHECKING:
-    from engines.torch.runner import ModelRunner
+    from tokenrelay_engines.torch.runner import ModelRunner
 
 _JOIN_TIMEOUT_S = 60.0
 
@@ -95,7 +95,7 @@ class TorchEngine:
     def _build_runner(self) -> Any:
         factory = self._runner_factory
         if factory is None:
-            from engines.torch.runner import ModelRunner
+            from tokenrelay_engines.torch.runner import ModelRunner
             factory = ModelRunner
         return factory(self.config)
 

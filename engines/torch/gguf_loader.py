@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.torch.shapes import ModelConfig
+from tokenrelay_engines.torch.shapes import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from engines.torch.gguf_loader import GGUFFile
+from tokenrelay_engines.torch.gguf_loader import GGUFFile
 
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp token types
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from engines.torch.shapes import ModelConfig
+from tokenrelay_engines.torch.shapes import ModelConfig
 
 CPU_DEFAULT_KV_TOKENS = 65536  # on CPU without num_blocks: room for this many tokens, capped by RAM
 

@@ -28,15 +28,15 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from engines.chat_template import (
+from tokenrelay_engines.chat_template import (
     ChatTemplate, ChatTemplateError, end_of_turn_token, special_tokens_from_tokenizer_config,
     template_from_tokenizer_config,
 )
-from engines.config import DEMO_MODEL, TorchEngineConfig
-from engines.torch import gguf_loader
-from engines.torch.gguf_tokenizer import byte_alphabet, tokenizer_from_gguf
-from engines.torch.models import LlamaForCausalLM
-from engines.torch.shapes import ModelConfig, named_shape
+from tokenrelay_engines.config import DEMO_MODEL, TorchEngineConfig
+from tokenrelay_engines.torch import gguf_loader
+from tokenrelay_engines.torch.gguf_tokenizer import byte_alphabet, tokenizer_from_gguf
+from tokenrelay_engines.torch.models import LlamaForCausalLM
+from tokenrelay_engines.torch.shapes import ModelConfig, named_shape
 
 log = logging.getLogger(__name__)
 DEMO_MODEL_DIR = "demo_model"  # inside the engines.torch package
@@ -94,7 +94,7 @@ def resolve_model_path(config: TorchEngineConfig) -> Path | None:
     if not config.model:
         return default_model_path()
     if config.model == DEMO_MODEL:
-        path = Path(str(resources.files("engines.torch").joinpath(DEMO_MODEL_DIR)))
+        path = Path(str(resources.files("tokenrelay_engines.torch").joinpath(DEMO_MODEL_DIR)))
     else:
         path = Path(config.model).expanduser()
     if not path.exists():

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from engines.base import InvalidRequest, ModelInfo, TokenLogprob
-from engines.config import TorchEngineConfig
-from engines.scheduler.sequence import RunnerOutput, ScheduledChunk, SchedulerOutput
-from engines.torch.attention import AttentionBackend, AttentionMetadata
-from engines.torch.backends import default_attention, resolve_device
-from engines.torch.cpu import configure_threads, cpu_has_native_bf16
-from engines.torch.kv_cache import KVCache, size_num_blocks
-from engines.torch.loader import load_model, resolve_dtype
-from engines.torch.sampler import Sampler, SamplingBatch, step_seed
+from tokenrelay_engines.base import InvalidRequest, ModelInfo, TokenLogprob
+from tokenrelay_engines.config import TorchEngineConfig
+from tokenrelay_engines.scheduler.sequence import RunnerOutput, ScheduledChunk, SchedulerOutput
+from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata
+from tokenrelay_engines.torch.backends import default_attention, resolve_device
+from tokenrelay_engines.torch.cpu import configure_threads, cpu_has_native_bf16
+from tokenrelay_engines.torch.kv_cache import KVCache, size_num_blocks
+from tokenrelay_engines.torch.loader import load_model, resolve_dtype
+from tokenrelay_engines.torch.sampler import Sampler, SamplingBatch, step_seed
 
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
@@ -90,7 +90,7 @@ class ModelRunner:
                                     special_tokens=tuple(sorted(loaded.special_tokens.items())))
         self.cuda_graphs = None  # CUDA-graph hook: engines/torch/cuda_graphs.py
         if config.cuda_graphs and self.device.type == "cuda" and attention is None:
-            from engines.torch.cuda_graphs import DecodeGraphs
+            from tokenrelay_engines.torch.cuda_graphs import DecodeGraphs
             self.cuda_graphs = DecodeGraphs(self.model, self.kv_cache.kv, max_batch=config.scheduler.max_num_seqs,
                                             max_context_len=context, block_size=self.block_size,
                                             hidden_size=self.model_config.hidden_size, device=self.device,

@@ -12,7 +12,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from engines.base import RequestOutput
+from tokenrelay_engines.base import RequestOutput
 
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engines.torch.attention import AttentionMetadata, TorchAttention
+from tokenrelay_engines.torch.attention import AttentionMetadata, TorchAttention
 
 PARTITION = 256  # cached positions per decode program
 BLOCK_N = 16  # cached positions per inner tile (a divisor of PARTITION)

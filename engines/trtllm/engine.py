@@ -37,16 +37,16 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from engines import tokenization
-from engines.base import (
+from tokenrelay_engines import tokenization
+from tokenrelay_engines.base import (
     EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
     RequestOutput, TokenLogprob, Usage,
 )
-from engines.config import TrtllmEngineConfig
-from engines.detokenizer import IncrementalDetokenizer
-from engines.torch.streams import OutputSlot, RequestStream, Throughput
-from engines.trtllm import mapping
-from engines.trtllm.model_dir import EngineDirInfo, load_tokenizer, read_engine_dir
+from tokenrelay_engines.config import TrtllmEngineConfig
+from tokenrelay_engines.detokenizer import IncrementalDetokenizer
+from tokenrelay_engines.torch.streams import OutputSlot, RequestStream, Throughput
+from tokenrelay_engines.trtllm import mapping
+from tokenrelay_engines.trtllm.model_dir import EngineDirInfo, load_tokenizer, read_engine_dir
 
 BINDINGS_MODULE = "tensorrt_llm.bindings.executor"
 _AWAIT_TIMEOUT = datetime.timedelta(milliseconds=50)  # bounds how long shutdown waits for the thread

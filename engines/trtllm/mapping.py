@@ -40,8 +40,8 @@ import math
 from types import ModuleType
 from typing import Any
 
-from engines.base import FinishReason, Request, StoppingCriteria
-from engines.detokenizer import IncrementalDetokenizer
+from tokenrelay_engines.base import FinishReason, Request, StoppingCriteria
+from tokenrelay_engines.detokenizer import IncrementalDetokenizer
 
 DEFAULT_EXECUTOR_PRIORITY = 0.5
 

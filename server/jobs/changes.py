@@ -4,7 +4,7 @@ may be written. Both stores apply the same rules through these functions."""
 
 from __future__ import annotations
 
-from server.jobs.model import (
+from tokenrelay_server.jobs.model import (
     Delta, Job, JobError, JobState, Progress, WebhookDelivery, queue_expired, requeue_or_dead_letter, transition,
 )
 

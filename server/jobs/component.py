@@ -25,17 +25,17 @@ from collections.abc import Callable
 import grpc
 from tokenrelay.v1 import jobs_pb2_grpc
 
-from engines.base import AsyncEngine
-from server.chat import ChatPrompts
-from server.health import JOBS_SERVICE, ServingState
-from server.jobs.manager import JobManager
-from server.jobs.model import Job, JobsConfig
-from server.jobs.servicer import JobsServiceServicer
-from server.jobs.store import JobStore, StoreUnavailable, open_store
-from server.jobs.webhooks import (
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_server.chat import ChatPrompts
+from tokenrelay_server.health import JOBS_SERVICE, ServingState
+from tokenrelay_server.jobs.manager import JobManager
+from tokenrelay_server.jobs.model import Job, JobsConfig
+from tokenrelay_server.jobs.servicer import JobsServiceServicer
+from tokenrelay_server.jobs.store import JobStore, StoreUnavailable, open_store
+from tokenrelay_server.jobs.webhooks import (
     WebhookSender, add_webhook_arguments, validate_webhook_url, webhook_config_from_args,
 )
-from server.limits import InputLimits
+from tokenrelay_server.limits import InputLimits
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
-from engines.base import InvalidRequest, ModelInfo, Request
-from server.chat import ChatEncoder
-from server.convert import ResultAccumulator, new_seed, request_from_params
-from server.errors import InvalidRequests
-from server.limits import InputLimits
-from server.jobs.model import (
+from tokenrelay_engines.base import InvalidRequest, ModelInfo, Request
+from tokenrelay_server.chat import ChatEncoder
+from tokenrelay_server.convert import ResultAccumulator, new_seed, request_from_params
+from tokenrelay_server.errors import InvalidRequests
+from tokenrelay_server.limits import InputLimits
+from tokenrelay_server.jobs.model import (
     Delta, Job, JobError, JobsConfig, JobState, JobTier, Transition, WebhookDelivery, new_job_id,
 )
 

@@ -25,14 +25,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest
-from server.chat import ChatEncoder
-from server.errors import FailedPrecondition
-from server.jobs import convert
-from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
-from server.jobs.store import JobStore, StoreUnavailable
-from server.jobs.watch import watch_job
-from server.jobs.webhooks import DeliveryAttempt, WebhookSender
+from tokenrelay_engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest
+from tokenrelay_server.chat import ChatEncoder
+from tokenrelay_server.errors import FailedPrecondition
+from tokenrelay_server.jobs import convert
+from tokenrelay_server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
+from tokenrelay_server.jobs.store import JobStore, StoreUnavailable
+from tokenrelay_server.jobs.watch import watch_job
+from tokenrelay_server.jobs.webhooks import DeliveryAttempt, WebhookSender
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

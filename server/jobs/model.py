@@ -13,7 +13,7 @@ import enum
 import secrets
 from dataclasses import dataclass, field
 
-from server.jobs.webhook_config import WebhookConfig
+from tokenrelay_server.jobs.webhook_config import WebhookConfig
 
 
 class JobState(enum.Enum):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from server.jobs.model import Job, Progress
+from tokenrelay_server.jobs.model import Job, Progress
 
 
 class RedisKeys:

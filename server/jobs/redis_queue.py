@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
-from server.jobs.model import TIERS_IN_CLAIM_ORDER, JobTier
-from server.jobs.store import StoreUnavailable
+from tokenrelay_server.jobs.model import TIERS_IN_CLAIM_ORDER, JobTier
+from tokenrelay_server.jobs.store import StoreUnavailable
 
 GROUP = "workers"
 _BATCH = 16  # new entries read per tier and claim, at most

@@ -31,14 +31,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from server.jobs.changes import (
+from tokenrelay_server.jobs.changes import (
     add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
     taken_over_by,
 )
-from server.jobs.model import Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job
-from server.jobs.redis_keys import RedisKeys, decode_token, encode_token, load_job
-from server.jobs.redis_queue import RedisQueue, redis_call
-from server.jobs.store import JobStore, check_idempotency
+from tokenrelay_server.jobs.model import Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job
+from tokenrelay_server.jobs.redis_keys import RedisKeys, decode_token, encode_token, load_job
+from tokenrelay_server.jobs.redis_queue import RedisQueue, redis_call
+from tokenrelay_server.jobs.store import JobStore, check_idempotency
 
 _TTL_MARGIN = 60  # key TTL past retention; the sweeper deletes on time, the TTL is the backstop
 _CONNECT_TIMEOUT = 5.0  # seconds; an unreachable Redis is an outage (StoreUnavailable), not a hang

@@ -16,20 +16,20 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-from engines.base import AsyncEngine, EngineDeadError, InvalidRequest
-from server import call_context
-from server.chat import ChatPrompts
-from server.convert import REQUEST_ID_METADATA, request_id_from
-from server.errors import (
+from tokenrelay_engines.base import AsyncEngine, EngineDeadError, InvalidRequest
+from tokenrelay_server import call_context
+from tokenrelay_server.chat import ChatPrompts
+from tokenrelay_server.convert import REQUEST_ID_METADATA, request_id_from
+from tokenrelay_server.errors import (
     AlreadyExists, InvalidRequests, NotFound, NotReady, ServerDraining, ServerError, abort_on_error,
 )
-from server.health import Phase, ServingState
-from server.jobs import convert
-from server.jobs.manager import JobManager
-from server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, JobState, Transition
-from server.jobs.store import StoreUnavailable
-from server.limits import InputLimits
-from server.tenants import check_queued_jobs
+from tokenrelay_server.health import Phase, ServingState
+from tokenrelay_server.jobs import convert
+from tokenrelay_server.jobs.manager import JobManager
+from tokenrelay_server.jobs.model import Delta, IdempotencyConflict, Job, JobNotFound, JobsConfig, JobState, Transition
+from tokenrelay_server.jobs.store import StoreUnavailable
+from tokenrelay_server.limits import InputLimits
+from tokenrelay_server.tenants import check_queued_jobs
 
 
 class JobsStoreUnavailable(ServerError):

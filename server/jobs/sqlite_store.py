@@ -21,13 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from server.jobs.changes import (
+from tokenrelay_server.jobs.changes import (
     add_output, delta_persisted, expire_job, extend_lease, finish_job, record_delivery, recover_job, release_job,
 )
-from server.jobs.model import (
+from tokenrelay_server.jobs.model import (
     Delta, Job, JobError, JobNotFound, JobState, Progress, WebhookDelivery, claim_job, retention_over,
 )
-from server.jobs.store import JobStore, StoreUnavailable, check_idempotency
+from tokenrelay_server.jobs.store import JobStore, StoreUnavailable, check_idempotency
 
 T = TypeVar("T")
 

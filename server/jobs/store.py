@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from urllib.parse import urlparse
 
-from server.jobs.model import Delta, IdempotencyConflict, Job, JobError, JobState, WebhookDelivery
+from tokenrelay_server.jobs.model import Delta, IdempotencyConflict, Job, JobError, JobState, WebhookDelivery
 
 
 class StoreUnavailable(ConnectionError):
@@ -112,14 +112,14 @@ def open_store(url: str, *, notify_poll: float = 0.5) -> JobStore:
     """`sqlite:///abs/path/jobs.db`, `sqlite://relative/jobs.db` or `redis://host:port/db`."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
-        from server.jobs.sqlite_store import SqliteJobStore
+        from tokenrelay_server.jobs.sqlite_store import SqliteJobStore
 
         path = url[len("sqlite://"):]
         if not path:
             raise ValueError("sqlite jobs store needs a path: sqlite:///path/jobs.db")
         return SqliteJobStore(path, notify_poll=notify_poll)
     if scheme in ("redis", "rediss"):
-        from server.jobs.redis_store import RedisJobStore
+        from tokenrelay_server.jobs.redis_store import RedisJobStore
 
         return RedisJobStore(url)
     raise ValueError(f"unknown jobs store {url!r}: use sqlite:///path or redis://host:port/db")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from engines.base import InvalidRequest
-from server.jobs.model import Delta, Job, Transition
-from server.jobs.store import JobStore
+from tokenrelay_engines.base import InvalidRequest
+from tokenrelay_server.jobs.model import Delta, Job, Transition
+from tokenrelay_server.jobs.store import JobStore
 
 
 async def watch_job(store: JobStore, job_id: str, from_offset: int) -> AsyncIterator[Transition | Delta | Job]:

@@ -8,7 +8,7 @@ import binascii
 import math
 from dataclasses import dataclass, field
 
-from server.jobs.webhook_url import AllowList
+from tokenrelay_server.jobs.webhook_url import AllowList
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16

@@ -13,7 +13,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
-from server.jobs.webhook_url import WebhookTarget
+from tokenrelay_server.jobs.webhook_url import WebhookTarget
 
 Connector = Callable[..., Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 """connect(address, port, *, ssl: SSLContext | None, server_hostname: str | None) -> (reader, writer)"""

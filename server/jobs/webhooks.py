@@ -26,15 +26,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from engines.base import InvalidRequest
-from server.jobs import webhook_http
-from server.jobs.webhook_config import (
+from tokenrelay_engines.base import InvalidRequest
+from tokenrelay_server.jobs import webhook_http
+from tokenrelay_server.jobs.webhook_config import (
     WebhookConfig,
     add_webhook_arguments,
     decode_secret,
     webhook_config_from_args,
 )
-from server.jobs.webhook_url import FIELD, WebhookTarget, check_addresses, parse_webhook_url
+from tokenrelay_server.jobs.webhook_url import FIELD, WebhookTarget, check_addresses, parse_webhook_url
 
 __all__ = [
     "DeliveryAttempt", "WebhookConfig", "WebhookSender", "add_webhook_arguments", "sign",

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from engines.base import AsyncEngine
-from server.jobs.model import Job
-from server.jobs.store import JobStore
-from server.telemetry.config import TelemetryConfig
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_server.jobs.model import Job
+from tokenrelay_server.jobs.store import JobStore
+from tokenrelay_server.telemetry.config import TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ class Telemetry:
         self.metrics = None
         self.tracing = None
         if config.metrics:
-            from server.telemetry.metrics import Metrics
+            from tokenrelay_server.telemetry.metrics import Metrics
 
             self.metrics = Metrics(tenant_labels=config.metrics_tenant_labels)
         if config.tracing:
-            from server.telemetry.tracing import Tracing
+            from tokenrelay_server.telemetry.tracing import Tracing
 
             self.tracing = Tracing(config)
 
@@ -49,7 +49,7 @@ class Telemetry:
         if self.tracing is not None:
             out.append(self.tracing.server_interceptor())
         if self.metrics is not None or self.config.access_log:
-            from server.telemetry.interceptor import TelemetryInterceptor
+            from tokenrelay_server.telemetry.interceptor import TelemetryInterceptor
 
             out.append(TelemetryInterceptor(self.metrics, access_log_on=self.config.access_log,
                                             tracing_on=self.tracing is not None))
@@ -58,14 +58,14 @@ class Telemetry:
     def instrument_engine(self, engine: AsyncEngine) -> AsyncEngine:
         if self.metrics is None and self.tracing is None:
             return engine
-        from server.telemetry.engine import InstrumentedEngine
+        from tokenrelay_server.telemetry.engine import InstrumentedEngine
 
         return InstrumentedEngine(engine, self.metrics, self.tracing)  # type: ignore[return-value]
 
     def instrument_store(self, store: JobStore) -> JobStore:
         if self.metrics is None:
             return store
-        from server.telemetry.jobs import InstrumentedJobStore
+        from tokenrelay_server.telemetry.jobs import InstrumentedJobStore
 
         return InstrumentedJobStore(store, self.metrics)  # type: ignore[return-value]
 

@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from engines.base import AsyncEngine, EngineStats, ModelInfo, Request, RequestOutput
-from server import call_context
+from tokenrelay_engines.base import AsyncEngine, EngineStats, ModelInfo, Request, RequestOutput
+from tokenrelay_server import call_context
 
 if TYPE_CHECKING:  # OpenTelemetry and prometheus-client are imported only when switched on
-    from server.telemetry.metrics import Metrics
-    from server.telemetry.tracing import Tracing
+    from tokenrelay_server.telemetry.metrics import Metrics
+    from tokenrelay_server.telemetry.tracing import Tracing
 
 
 WARMUP_PREFIX = "warmup-"  # server.app.warm_up's request ids

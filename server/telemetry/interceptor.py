@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from server import call_context
-from server.interceptors import metadata_value, wrap_handler
+from tokenrelay_server import call_context
+from tokenrelay_server.interceptors import metadata_value, wrap_handler
 
 if TYPE_CHECKING:
-    from server.telemetry.metrics import Metrics
+    from tokenrelay_server.telemetry.metrics import Metrics
 
 access_log = logging.getLogger("tokenrelay.access")
 REQUEST_ID_METADATA = "x-request-id"
@@ -41,7 +41,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         self._access_log = access_log_on
         self._tracing = tracing_on
         if tracing_on:  # OpenTelemetry is imported only when tracing is on
-            from server.telemetry.tracing import current_trace_id, current_traceparent
+            from tokenrelay_server.telemetry.tracing import current_trace_id, current_traceparent
 
             self._trace_id, self._traceparent = current_trace_id, current_traceparent
 

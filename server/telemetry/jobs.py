@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.jobs.model import Job, WebhookDelivery
-from server.jobs.store import JobStore
-from server.telemetry.metrics import Metrics  # imported only with metrics on (see Telemetry)
+from tokenrelay_server.jobs.model import Job, WebhookDelivery
+from tokenrelay_server.jobs.store import JobStore
+from tokenrelay_server.telemetry.metrics import Metrics  # imported only with metrics on (see Telemetry)
 
 
 class InstrumentedJobStore:

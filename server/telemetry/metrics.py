@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from engines.base import EngineStats, FinishReason, RequestOutput
+from tokenrelay_engines.base import EngineStats, FinishReason, RequestOutput
 
 log = logging.getLogger(__name__)
 PREFIX = "tokenrelay:"

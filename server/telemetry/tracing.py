@@ -25,8 +25,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from engines.base import Request, RequestOutput
-from server.telemetry.config import TelemetryConfig
+from tokenrelay_engines.base import Request, RequestOutput
+from tokenrelay_server.telemetry.config import TelemetryConfig
 
 OPERATION = "text_completion"
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from engines.base import AsyncEngine
+from tokenrelay_engines.base import AsyncEngine
 
 START_TIMEOUT_S = 120.0  # loading a model on two busy cores
 SHUTDOWN_TIMEOUT_S = 60.0
@@ -53,7 +53,7 @@ async def _running(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 
 def synthetic_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
-    from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+    from tokenrelay_engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 
     # Fast, but slow enough that a 200-token request is still running when a test aborts it.
     config = SyntheticEngineConfig(ttft_ms=1.0, itl_ms=1.0, block_size=16, num_kv_blocks=512,
@@ -63,13 +63,13 @@ def synthetic_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
 
 def demo_model_ready() -> bool:
     """The embedded demo model is served when its directory is complete (it may be in training)."""
-    root = Path(str(resources.files("engines.torch").joinpath("demo_model")))
+    root = Path(str(resources.files("tokenrelay_engines.torch").joinpath("demo_model")))
     return all((root / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
-    from engines.config import SchedulerConfig, TorchEngineConfig
-    from engines.torch.engine import TorchEngine
+    from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+    from tokenrelay_engines.torch.engine import TorchEngine
 
     scheduler = SchedulerConfig(block_size=16, num_blocks=128, max_model_len=512)
     if demo_model_ready():
@@ -82,8 +82,8 @@ def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
 
 @contextlib.asynccontextmanager
 async def _trtllm_on_double() -> AsyncIterator[AsyncEngine]:
-    from engines.config import TrtllmEngineConfig
-    from engines.trtllm.engine import TrtllmEngine
+    from tokenrelay_engines.config import TrtllmEngineConfig
+    from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
     from .trtllm_double import installed, write_engine_dir
 
@@ -100,8 +100,8 @@ def trtllm_double_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine
 
 def trtllm_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
     """The TensorRT-LLM backend over the real library and a real engine directory (GPU)."""
-    from engines.config import TrtllmEngineConfig
-    from engines.trtllm.engine import TrtllmEngine
+    from tokenrelay_engines.config import TrtllmEngineConfig
+    from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
     from .trtllm_double import REAL_ENGINE_DIR_ENV, real_library
 

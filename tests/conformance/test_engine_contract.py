@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from engines.base import (
+from tokenrelay_engines.base import (
     AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput, SamplingParams,
     StoppingCriteria,
 )

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engines.base import EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria
-from engines.config import TrtllmEngineConfig
-from engines.trtllm import mapping
-from engines.trtllm.engine import TrtllmEngine
+from tokenrelay_engines.base import EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria
+from tokenrelay_engines.config import TrtllmEngineConfig
+from tokenrelay_engines.trtllm import mapping
+from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
 from .test_engine_contract import drain, generate, wait_idle
 from .trtllm_double import installed, write_engine_dir

@@ -56,7 +56,7 @@ def write_engine_dir(path: Path, *, max_seq_len: int = 512, max_input_len: int =
     """A directory shaped like trtllm-build's output (config.json; no engine file: the double needs
     none) with the demo model's Hugging Face tokenizer beside it."""
     path.mkdir(parents=True, exist_ok=True)
-    demo = Path(str(resources.files("engines.torch").joinpath("demo_model")))
+    demo = Path(str(resources.files("tokenrelay_engines.torch").joinpath("demo_model")))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (demo / name).is_file():
             shutil.copy(demo / name, path / name)

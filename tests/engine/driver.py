@@ -6,8 +6,8 @@ depend on the scheduler's policies.
 
 from __future__ import annotations
 
-from engines.base import Request, SamplingParams, StoppingCriteria
-from engines.scheduler.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus
+from tokenrelay_engines.base import Request, SamplingParams, StoppingCriteria
+from tokenrelay_engines.scheduler.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus
 
 
 def make_seq(request_id: str, prompt: list[int], sampling: SamplingParams | None = None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
 
 
 def runner_config(model_dir: Path, block_size: int = 4, num_blocks: int = 128, **sched) -> TorchEngineConfig:

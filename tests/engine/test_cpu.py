@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engines.config import SchedulerConfig, TorchEngineConfig
-from engines.torch.cpu import configure_threads, cpu_flags, cpu_has_native_bf16, physical_cores
-from engines.torch.runner import ModelRunner
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.torch.cpu import configure_threads, cpu_flags, cpu_has_native_bf16, physical_cores
+from tokenrelay_engines.torch.runner import ModelRunner
 
 AMD_ZEN1 = """processor\t: 0
 physical id\t: 0

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from engines.torch.cuda_graphs import DecodeGraphs  # noqa: E402
-from engines.torch.runner import ModelRunner  # noqa: E402
+from tokenrelay_engines.torch.cuda_graphs import DecodeGraphs  # noqa: E402
+from tokenrelay_engines.torch.runner import ModelRunner  # noqa: E402
 
 from .driver import make_seq, run_to_completion  # noqa: E402
 from .helpers import runner_config  # noqa: E402

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from engines.config import SchedulerConfig, TorchEngineConfig
-from engines.torch.runner import ModelRunner
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.torch.runner import ModelRunner
 
 from .driver import make_seq, run_to_completion
 
@@ -21,7 +21,7 @@ def cuda_config(model_dir, dtype: str, cuda_graphs: bool) -> TorchEngineConfig:
 
 
 def test_auto_device_is_cuda_with_triton_attention_and_bf16(tiny_models) -> None:
-    from engines.torch.triton_attention import TritonAttention
+    from tokenrelay_engines.torch.triton_attention import TritonAttention
 
     runner = ModelRunner(cuda_config(tiny_models.path("llama"), "auto", cuda_graphs=True))
     assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16

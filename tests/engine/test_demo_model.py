@@ -16,9 +16,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 
-import engines  # noqa: E402
+import tokenrelay_engines  # noqa: E402
 
-DEMO_DIR = Path(engines.__file__).resolve().parent / "torch" / "demo_model"
+DEMO_DIR = Path(tokenrelay_engines.__file__).resolve().parent / "torch" / "demo_model"
 EDGE_CASES = [(0, 0), (999, 999), (1, 99), (500, 500), (999, 1), (1, 999), (0, 7), (9, 1)]
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 

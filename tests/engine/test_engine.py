@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from engines.base import FinishReason, Request, SamplingParams, StoppingCriteria
-from engines.torch.engine import TorchEngine
+from tokenrelay_engines.base import FinishReason, Request, SamplingParams, StoppingCriteria
+from tokenrelay_engines.torch.engine import TorchEngine
 
 from .helpers import reference_greedy, reference_logprobs, runner_config
 

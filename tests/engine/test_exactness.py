@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines.base import SamplingParams
-from engines.torch.runner import ModelRunner
+from tokenrelay_engines.base import SamplingParams
+from tokenrelay_engines.torch.runner import ModelRunner
 
 from .helpers import reference_greedy, reference_logprobs, runner_config
 from .driver import make_seq, run_to_completion

@@ -13,11 +13,11 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from engines.base import SamplingParams  # noqa: E402
-from engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
-from engines.torch.gguf_loader import GGUFFile, model_config_from_gguf, unpermute_qk  # noqa: E402
-from engines.torch.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
-from engines.torch.runner import ModelRunner  # noqa: E402
+from tokenrelay_engines.base import SamplingParams  # noqa: E402
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
+from tokenrelay_engines.torch.gguf_loader import GGUFFile, model_config_from_gguf, unpermute_qk  # noqa: E402
+from tokenrelay_engines.torch.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from tokenrelay_engines.torch.runner import ModelRunner  # noqa: E402
 
 from .driver import make_seq, run_to_completion  # noqa: E402
 from .gguf_factory import llama_cpp_permute, tokenizer_json_of, write_gguf, write_tokenizer  # noqa: E402

@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from engines.base import InvalidRequest, SamplingParams
-from engines.config import SchedulerConfig, TorchEngineConfig
-from engines.torch.kv_cache import bytes_per_block, size_num_blocks
-from engines.torch.loader import byte_level_tokenizer, resolve_dtype
-from engines.torch.models.llama import rope_inv_freq
-from engines.torch.runner import ModelRunner
-from engines.torch.shapes import NAMED_SHAPES, ModelConfig, named_shape
+from tokenrelay_engines.base import InvalidRequest, SamplingParams
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.torch.kv_cache import bytes_per_block, size_num_blocks
+from tokenrelay_engines.torch.loader import byte_level_tokenizer, resolve_dtype
+from tokenrelay_engines.torch.models.llama import rope_inv_freq
+from tokenrelay_engines.torch.runner import ModelRunner
+from tokenrelay_engines.torch.shapes import NAMED_SHAPES, ModelConfig, named_shape
 
 from .helpers import reference_greedy, runner_config
 from .driver import make_seq, run_to_completion
@@ -95,7 +95,7 @@ def test_bad_model_directories_fail_clearly(tiny_models, tmp_path) -> None:
 
 
 def test_execute_rejects_inconsistent_chunks(tiny_models) -> None:
-    from engines.scheduler.sequence import ScheduledChunk, SchedulerOutput
+    from tokenrelay_engines.scheduler.sequence import ScheduledChunk, SchedulerOutput
 
     runner = ModelRunner(runner_config(tiny_models.path("llama"), num_blocks=8))
     seq = make_seq("x", [1, 2, 3, 4, 5])
@@ -114,7 +114,7 @@ def test_execute_rejects_inconsistent_chunks(tiny_models) -> None:
 
 def test_attention_backend_slots_in(tiny_models) -> None:
     """A different backend plugs into the runner without touching it (here: a counting wrapper)."""
-    from engines.torch.attention import TorchAttention
+    from tokenrelay_engines.torch.attention import TorchAttention
 
     class CountingAttention(TorchAttention):
         def __init__(self) -> None:
@@ -194,7 +194,7 @@ def test_embedded_demo_model_loads_when_present() -> None:
     from importlib import resources
     from pathlib import Path
 
-    demo = Path(str(resources.files("engines.torch").joinpath("demo_model")))
+    demo = Path(str(resources.files("tokenrelay_engines.torch").joinpath("demo_model")))
     if not (demo / "config.json").is_file():
         pytest.skip("the embedded demo model is not in the tree yet")
     from transformers import AutoModelForCausalLM

@@ -9,9 +9,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 import torch
 
-from engines.base import SamplingParams, StoppingCriteria
-from engines.torch.runner import ModelRunner
-from engines.torch.sampler import Sampler, SamplingBatch, step_seed
+from tokenrelay_engines.base import SamplingParams, StoppingCriteria
+from tokenrelay_engines.torch.runner import ModelRunner
+from tokenrelay_engines.torch.sampler import Sampler, SamplingBatch, step_seed
 
 from .helpers import reference_logprobs, runner_config
 from .driver import make_seq, run_to_completion

@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engines.torch.attention import AttentionMetadata, TorchAttention  # noqa: E402
-from engines.torch.triton_attention import PARTITION, TritonAttention  # noqa: E402
+from tokenrelay_engines.torch.attention import AttentionMetadata, TorchAttention  # noqa: E402
+from tokenrelay_engines.torch.triton_attention import PARTITION, TritonAttention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-3
@@ -96,7 +96,7 @@ def test_prefill_only_with_long_chunks_and_small_blocks() -> None:
 
 def test_runner_with_triton_attention_matches_transformers(tiny_models) -> None:
     """The whole runner on the Triton backend: chunked prefill + batched decode, greedy tokens exact."""
-    from engines.torch.runner import ModelRunner
+    from tokenrelay_engines.torch.runner import ModelRunner
 
     from .driver import make_seq, run_to_completion
     from .helpers import reference_greedy, runner_config

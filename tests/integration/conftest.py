@@ -29,11 +29,11 @@ import pytest
 from grpc_health.v1 import health_pb2_grpc
 from tokenrelay.v1 import jobs_pb2_grpc, text_generation_pb2_grpc
 
-from engines.base import AsyncEngine
-from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
-from server.app import ServerHandle, start_server
-from server.config import AdmissionConfig, ServerConfig
-from server.jobs.model import JobsConfig
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+from tokenrelay_server.app import ServerHandle, start_server
+from tokenrelay_server.config import AdmissionConfig, ServerConfig
+from tokenrelay_server.jobs.model import JobsConfig
 
 # Fast defaults so the suite stays quick on 2 shared cores.
 TEST_SYNTHETIC = {"ttft_ms": 5.0, "itl_ms": 1.0}

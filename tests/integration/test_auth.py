@@ -12,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.auth import AuthConfig, key_digest
-from server.security import SecurityConfig
-from server.tls import TlsConfig
+from tokenrelay_server.auth import AuthConfig, key_digest
+from tokenrelay_server.security import SecurityConfig
+from tokenrelay_server.tls import TlsConfig
 from tests.integration.certs import make_ca, make_client_cert, make_server_cert
 from tokenrelay import AsyncClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
 
@@ -134,7 +134,7 @@ async def test_client_certificate_names_the_tenant(synthetic_server_factory, tmp
 
 
 def test_keys_file_errors_are_clear(tmp_path) -> None:
-    from server.auth import ApiKeys
+    from tokenrelay_server.auth import ApiKeys
 
     bad = tmp_path / "bad.json"
     for text, match in (("{", "not JSON"), ('{"keys": []}', "keys"), ('{"keys": {"abc": "x"}}', "SHA-256"),
@@ -153,7 +153,7 @@ def test_keys_file_errors_are_clear(tmp_path) -> None:
 
 
 async def test_metrics_tenant_labels_when_enabled(synthetic_server_factory, keys_file) -> None:
-    from server.telemetry.config import TelemetryConfig
+    from tokenrelay_server.telemetry.config import TelemetryConfig
     from tests.integration.test_metrics import scrape, value
 
     srv = await synthetic_server_factory(security=_auth(keys_file),

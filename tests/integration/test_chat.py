@@ -13,10 +13,10 @@ import pytest
 from tokenrelay import AsyncClient, FailedPreconditionError, InvalidArgumentError
 from tokenrelay.v1 import generation_pb2, jobs_pb2, jobs_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
 
-from engines.config import DEMO_MODEL, SchedulerConfig, TorchEngineConfig
-from server.app import start_server
-from server.config import ServerConfig
-from server.jobs.model import JobsConfig
+from tokenrelay_engines.config import DEMO_MODEL, SchedulerConfig, TorchEngineConfig
+from tokenrelay_server.app import start_server
+from tokenrelay_server.config import ServerConfig
+from tokenrelay_server.jobs.model import JobsConfig
 
 # The adder answers "A+B=" with the sum: the template asks it for (number of messages) + (last
 # content), so each answer shows both the last message and how much conversation the server got.
@@ -119,7 +119,7 @@ async def test_a_model_without_a_chat_template_is_failed_precondition(tmp_path: 
 
 
 def test_template_end_of_turn_token_joins_eos(tmp_path: Path) -> None:
-    from engines.torch.runner import ModelRunner
+    from tokenrelay_engines.torch.runner import ModelRunner
 
     path = tmp_path / "t.jinja"
     path.write_text("{% for m in messages %}{{ m['content'] }}<pad>{% endfor %}")
@@ -133,7 +133,7 @@ async def test_cli_chat_through_a_pseudo_terminal(chat_server) -> None:
     pexpect = pytest.importorskip("pexpect")
 
     def session() -> tuple[str, int]:
-        child = pexpect.spawn(sys.executable, ["-m", "server.cli", "chat", "--target", chat_server.address,
+        child = pexpect.spawn(sys.executable, ["-m", "tokenrelay_server.cli", "chat", "--target", chat_server.address,
                                                "--temperature", "0", "--max-tokens", "6"],
                               encoding="utf-8", timeout=60, dimensions=(24, 200))
         try:

@@ -1,4 +1,4 @@
-"""The `tokenrelay` CLI run as real subprocesses (`python -m server.cli ...`) against real servers."""
+"""The `tokenrelay` CLI run as real subprocesses (`python -m tokenrelay_server.cli ...`) against real servers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+from tokenrelay_server.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUND = 90.0  # seconds: every subprocess wait is bounded
@@ -21,7 +21,7 @@ BOUND = 90.0  # seconds: every subprocess wait is bounded
 async def run_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
                   ) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env={**os.environ, **(env or {})},
+        sys.executable, "-m", "tokenrelay_server.cli", *args, cwd=ROOT, env={**os.environ, **(env or {})},
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
@@ -153,7 +153,7 @@ async def test_job_commands(synthetic_server):
 
 async def test_serve_then_health_then_sigterm():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
+        sys.executable, "-m", "tokenrelay_server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
         "--port", "0", "--synthetic-ttft-ms", "1", "--synthetic-itl-ms", "1", "--drain-grace-seconds", "1",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

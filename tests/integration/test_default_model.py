@@ -55,12 +55,12 @@ def _model_path() -> Path:
 
 
 class ServeProcess:
-    """`python -m server.cli serve ...` on an ephemeral port; address read from its listening line."""
+    """`python -m tokenrelay_server.cli serve ...` on an ephemeral port; address read from its listening line."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay_server.cli", "serve", "--host", "127.0.0.1",
                                       "--port", "0", *args], stdout=subprocess.PIPE, stderr=self.log)
         self.address = self._wait_listening(timeout=240)
         self.ready_after = time.monotonic() - self.started
@@ -126,8 +126,8 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePr
 
 
 def test_gguf_tokenizer_identical_to_transformers(hf_tokenizer) -> None:
-    from engines.torch.gguf_loader import GGUFFile
-    from engines.torch.gguf_tokenizer import tokenizer_from_gguf
+    from tokenrelay_engines.torch.gguf_loader import GGUFFile
+    from tokenrelay_engines.torch.gguf_tokenizer import tokenizer_from_gguf
 
     from tests.engine.tokenizer_strings import tokenizer_strings
 
@@ -206,7 +206,7 @@ def test_tokenrelay_serve_answers_a_chat_message_in_english(default_server) -> N
 
 def test_cli_chat_against_the_default_model(default_server) -> None:
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "server.cli", "chat", "--target", default_server.address,
+    child = pexpect.spawn(sys.executable, ["-m", "tokenrelay_server.cli", "chat", "--target", default_server.address,
                                            "--temperature", "0", "--max-tokens", "48"],
                           encoding="utf-8", timeout=120, dimensions=(24, 200), env=dict(os.environ))
     try:

@@ -20,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-pytest.importorskip("engines.torch.engine")
+pytest.importorskip("tokenrelay_engines.torch.engine")
 
-from server.app import start_server  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.jobs.model import JobsConfig  # noqa: E402
+from tokenrelay_server.app import start_server  # noqa: E402
+from tokenrelay_server.config import ServerConfig  # noqa: E402
+from tokenrelay_server.jobs.model import JobsConfig  # noqa: E402
 from tests.integration.test_torch_serving import DEMO  # noqa: E402
 
 CASES = 5000

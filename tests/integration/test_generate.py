@@ -8,7 +8,7 @@ import grpc
 from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import text_generation_pb2 as tg
 
-from engines.synthetic import EOS_ID, VOCAB_SIZE
+from tokenrelay_engines.synthetic import EOS_ID, VOCAB_SIZE
 
 
 def params(text: str = "hello relay", *, seed: int = 7, max_tokens: int = 12, **kw) -> gen.GenerationParams:

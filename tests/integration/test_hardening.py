@@ -25,9 +25,9 @@ from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc, text_generation_pb2_grpc
 from tokenrelay.v1 import text_generation_pb2 as tg
 
-from engines.synthetic import SyntheticEngine
-from server import main as server_main
-from server.limits import InputLimits
+from tokenrelay_engines.synthetic import SyntheticEngine
+from tokenrelay_server import main as server_main
+from tokenrelay_server.limits import InputLimits
 
 REPO = Path(__file__).resolve().parents[2]
 TRAILER_BUDGET = 6 * 1024  # "no error trailer exceeds a few KiB"
@@ -222,7 +222,7 @@ async def test_server_chosen_seeds_are_below_2_pow_53(stub, channel):
 
 async def test_idle_connections_are_closed_by_the_server(tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
         "--max-connection-idle-seconds", "0.5", "--jobs-store", f"sqlite://{tmp_path}/jobs.sqlite", cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL)
@@ -254,7 +254,7 @@ async def test_idle_connections_are_closed_by_the_server(tmp_path):
 
 async def test_engine_death_makes_the_server_exit_non_zero(tmp_path):
     from tests.integration.conftest import make_server_config
-    from server.jobs.model import JobsConfig
+    from tokenrelay_server.jobs.model import JobsConfig
 
     config = make_server_config(health_check_interval_seconds=0.05,
                                 jobs=JobsConfig(store_url=f"sqlite://{tmp_path}/j.sqlite"))

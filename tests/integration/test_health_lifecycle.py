@@ -19,7 +19,7 @@ from tokenrelay.v1 import text_generation_pb2 as tg
 from tokenrelay.v1 import text_generation_pb2_grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+from tokenrelay_engines.synthetic import SyntheticEngine, SyntheticEngineConfig
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -168,7 +168,7 @@ async def _refused(address: str) -> bool:
 async def test_sigterm_drains_in_flight_calls_and_exits_zero():
     env = {**os.environ, "TOKENRELAY_SYNTHETIC_ITL_MS": "10", "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
         "--drain-grace-seconds", "20", cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
@@ -209,7 +209,7 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero():
 def test_flags_and_env_defaults(monkeypatch):
     import argparse
 
-    from server.main import add_serve_arguments, config_from_args
+    from tokenrelay_server.main import add_serve_arguments, config_from_args
 
     monkeypatch.setenv("TOKENRELAY_MAX_NUM_SEQS", "7")
     monkeypatch.setenv("TOKENRELAY_ENGINE", "synthetic")

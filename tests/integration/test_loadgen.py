@@ -33,7 +33,7 @@ TTFT_MS, ITL_MS = 50.0, 10.0
 async def test_bench_measures_the_configured_ttft_and_itl(synthetic_server, tmp_path):
     out_file = tmp_path / "bench.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "bench", "--target", synthetic_server.address,
+        sys.executable, "-m", "tokenrelay_server.cli", "bench", "--target", synthetic_server.address,
         "--concurrency", "1,2", "--num-requests", "6", "--input-len", "8:16", "--output-len", "16",
         "--json-out", str(out_file), "--slo-ttft-ms", "1000", cwd=ROOT, env=dict(os.environ),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

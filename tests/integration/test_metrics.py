@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.telemetry.config import TelemetryConfig
+from tokenrelay_server.telemetry.config import TelemetryConfig
 from tokenrelay import AsyncClient, InvalidArgumentError
 
 TTFT_S = 0.03

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from server.auth import key_digest
+from tokenrelay_server.auth import key_digest
 from tests.integration.certs import make_ca, make_server_cert
 from tests.integration.test_cli import BOUND, ROOT, run_cli
 
@@ -38,7 +38,7 @@ async def test_secure_server_process(tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": {key_digest(ALICE_KEY): "alice"}}))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
+        sys.executable, "-m", "tokenrelay_server.cli", "serve", "--engine", "synthetic", "--host", "127.0.0.1",
         "--port", "0", "--synthetic-ttft-ms", "1", "--synthetic-itl-ms", "1", "--drain-grace-seconds", "1",
         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--api-keys-file", str(keys),
         "--health-port", "0", "--metrics-port", "0", "--log-format", "json",

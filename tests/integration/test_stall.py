@@ -12,10 +12,10 @@ from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import text_generation_pb2 as tg
 from tokenrelay.v1 import text_generation_pb2_grpc
 
-pytest.importorskip("engines.torch.engine")
+pytest.importorskip("tokenrelay_engines.torch.engine")
 
-from server.app import start_server  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from tokenrelay_server.app import start_server  # noqa: E402
+from tokenrelay_server.config import ServerConfig  # noqa: E402
 from tests.integration.test_torch_serving import DEMO  # noqa: E402
 
 HEALTH_BUDGET_S = 1.0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import AuthConfig, key_digest
-from server.jobs.model import JobsConfig
-from server.security import SecurityConfig
+from tokenrelay_server.auth import AuthConfig, key_digest
+from tokenrelay_server.jobs.model import JobsConfig
+from tokenrelay_server.security import SecurityConfig
 from tokenrelay import AsyncClient, NotFoundError, ResourceExhaustedError
 from tokenrelay.v1 import jobs_pb2
 

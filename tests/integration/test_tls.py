@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.security import SecurityConfig
-from server.tls import TlsConfig
+from tokenrelay_server.security import SecurityConfig
+from tokenrelay_server.tls import TlsConfig
 from tests.integration.certs import make_ca, make_client_cert, make_server_cert
 from tokenrelay import AsyncClient, UnavailableError
 
@@ -113,7 +113,7 @@ async def test_a_broken_rotation_keeps_the_certificate_in_force(synthetic_server
 
 
 def test_bad_tls_files_refuse_to_start(pki) -> None:
-    from server.security import Security
+    from tokenrelay_server.security import Security
 
     with pytest.raises(ValueError, match="go together"):
         TlsConfig(cert_file=str(pki["cert"]))

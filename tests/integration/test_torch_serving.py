@@ -12,12 +12,12 @@ from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import text_generation_pb2 as tg
 from tokenrelay.v1 import text_generation_pb2_grpc
 
-pytest.importorskip("engines.torch.engine")
-pytest.importorskip("engines.torch.runner")
+pytest.importorskip("tokenrelay_engines.torch.engine")
+pytest.importorskip("tokenrelay_engines.torch.runner")
 
-from engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
-from server.app import start_server  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
+from tokenrelay_server.app import start_server  # noqa: E402
+from tokenrelay_server.config import ServerConfig  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "engines" / "torch" / "demo_model"
 HAVE_DEMO = (DEMO_DIR / "config.json").exists()

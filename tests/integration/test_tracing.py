@@ -11,7 +11,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from server.telemetry.config import TelemetryConfig
+from tokenrelay_server.telemetry.config import TelemetryConfig
 from tokenrelay import AsyncClient, Client
 
 

@@ -15,9 +15,9 @@ from tokenrelay.v1 import text_generation_pb2 as tg
 from tokenrelay.v1 import text_generation_pb2_grpc
 
 from conformance.trtllm_double import installed, write_engine_dir
-from engines.trtllm.engine import TrtllmEngine
-from server import main as server_main
-from server.app import start_server
+from tokenrelay_engines.trtllm.engine import TrtllmEngine
+from tokenrelay_server import main as server_main
+from tokenrelay_server.app import start_server
 
 
 @pytest.fixture

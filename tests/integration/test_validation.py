@@ -9,7 +9,7 @@ from grpc_status import rpc_status
 from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import text_generation_pb2 as tg
 
-from engines.synthetic import VOCAB_SIZE
+from tokenrelay_engines.synthetic import VOCAB_SIZE
 
 CONTEXT = 256  # the server below runs with this context length
 

@@ -18,12 +18,12 @@ import grpc
 import pytest
 from tokenrelay.v1 import jobs_pb2_grpc
 
-from engines.base import AsyncEngine
-from server.jobs.component import JobsComponent
-from server.jobs.model import JobsConfig
-from server.jobs.redis_store import RedisJobStore
-from server.jobs.sqlite_store import SqliteJobStore
-from server.jobs.store import JobStore
+from tokenrelay_engines.base import AsyncEngine
+from tokenrelay_server.jobs.component import JobsComponent
+from tokenrelay_server.jobs.model import JobsConfig
+from tokenrelay_server.jobs.redis_store import RedisJobStore
+from tokenrelay_server.jobs.sqlite_store import SqliteJobStore
+from tokenrelay_server.jobs.store import JobStore
 
 from tests.jobs.helpers import started_synthetic
 

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
-from engines.base import AsyncEngine, FinishReason, Request, RequestOutput, Usage
-from engines.synthetic import SyntheticEngine, SyntheticEngineConfig
-from server.jobs import convert
-from server.jobs.model import Job, JobsConfig, JobState, JobTier, Transition, new_job_id
-from server.jobs.store import JobStore
-from server.limits import InputLimits
+from tokenrelay_engines.base import AsyncEngine, FinishReason, Request, RequestOutput, Usage
+from tokenrelay_engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+from tokenrelay_server.jobs import convert
+from tokenrelay_server.jobs.model import Job, JobsConfig, JobState, JobTier, Transition, new_job_id
+from tokenrelay_server.jobs.store import JobStore
+from tokenrelay_server.limits import InputLimits
 
 
 def submit_request(max_tokens: int = 8, *, prompt: str = "hello", seed: int | None = None,

@@ -1,5 +1,5 @@
 """Real processes for fault tests and the recovery bench: a restartable redis-server with an
-append-only file, and `python -m server.main` replicas on it.
+append-only file, and `python -m tokenrelay_server.main` replicas on it.
 
     redis = RedisProcess(tmp_dir); await redis.start()
     replica = await spawn_replica(redis.url, tmp_dir, "--replica-id", "a")
@@ -99,12 +99,12 @@ class Replica:
 
 
 async def spawn_replica(store_url: str, workdir: Path, *extra: str, itl_ms: float = 10.0) -> Replica:
-    """`python -m server.main` (synthetic engine) on an ephemeral port; stderr goes to a log file."""
+    """`python -m tokenrelay_server.main` (synthetic engine) on an ephemeral port; stderr goes to a log file."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"replica-{time.monotonic_ns()}.log"
     with open(log, "wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
             "--synthetic-ttft-ms", "2", "--synthetic-itl-ms", str(itl_ms), "--log-level", "WARNING",
             "--health-check-interval-seconds", "0.5", "--jobs-store", store_url, "--jobs-poll-seconds", "0.05",
             *extra, cwd=str(workdir), env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from server.main import add_serve_arguments, config_from_args
+from tokenrelay_server.main import add_serve_arguments, config_from_args
 
 yaml = pytest.importorskip("yaml")
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes.yaml"

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tokenrelay.v1 import generation_pb2, jobs_pb2, jobs_pb2_grpc
 
-from server.jobs.webhooks import WebhookConfig
+from tokenrelay_server.jobs.webhooks import WebhookConfig
 
 from tests.jobs.conftest import SECRET
 from tests.jobs.helpers import FlakyEngine, started_synthetic, submit_request, wait_job

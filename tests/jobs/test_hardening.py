@@ -12,10 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-from engines.synthetic import SyntheticEngine
-from server.app import start_server
-from server.health import JOBS_SERVICE
-from server.jobs.model import JobsConfig
+from tokenrelay_engines.synthetic import SyntheticEngine
+from tokenrelay_server.app import start_server
+from tokenrelay_server.health import JOBS_SERVICE
+from tokenrelay_server.jobs.model import JobsConfig
 
 from tests.integration.conftest import make_server_config
 from tests.jobs.helpers import started_synthetic, submit_request
@@ -97,9 +97,9 @@ async def test_submit_is_refused_once_the_engine_is_dead(tmp_path: Path) -> None
 
 
 async def test_jobs_submitted_during_torch_start_up_are_accepted_and_run(tmp_path: Path) -> None:
-    torch_engine = pytest.importorskip("engines.torch.engine")
-    from engines.config import TorchEngineConfig
-    from engines.torch.runner import ModelRunner
+    torch_engine = pytest.importorskip("tokenrelay_engines.torch.engine")
+    from tokenrelay_engines.config import TorchEngineConfig
+    from tokenrelay_engines.torch.runner import ModelRunner
 
     gate = threading.Event()
 

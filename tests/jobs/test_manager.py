@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 from tokenrelay.v1 import generation_pb2, jobs_pb2
 
-from engines.base import Request, SamplingParams, StoppingCriteria
-from server.jobs import convert
-from server.jobs.manager import JobManager
-from server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
-from server.jobs.store import JobStore
+from tokenrelay_engines.base import Request, SamplingParams, StoppingCriteria
+from tokenrelay_server.jobs import convert
+from tokenrelay_server.jobs.manager import JobManager
+from tokenrelay_server.jobs.model import Delta, Job, JobsConfig, JobState, Transition, merge_deltas
+from tokenrelay_server.jobs.store import JobStore
 
 from tests.jobs.helpers import FlakyEngine, build_job, started_synthetic, submit_request, wait_job
 

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from server.jobs.component import add_jobs_arguments, jobs_config_from_args
-from server.jobs.model import (
+from tokenrelay_server.jobs.component import add_jobs_arguments, jobs_config_from_args
+from tokenrelay_server.jobs.model import (
     IllegalTransition, Job, JobError, JobsConfig, JobState, JobTier, WebhookDelivery, claim_job, new_job_id,
     requeue_or_dead_letter, transition,
 )

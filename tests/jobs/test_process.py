@@ -1,4 +1,4 @@
-"""Process level: real `python -m server.main` servers, SIGKILLed and restarted on one store."""
+"""Process level: real `python -m tokenrelay_server.main` servers, SIGKILLed and restarted on one store."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServerP
 
     async def start(store_url: str, *extra: str) -> ServerProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
             "--synthetic-ttft-ms", "2", "--synthetic-itl-ms", "10", "--log-level", "WARNING",
             "--jobs-store", store_url, "--jobs-poll-seconds", "0.05", *extra,
             cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)},

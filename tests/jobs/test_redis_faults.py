@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tokenrelay.v1 import jobs_pb2
 
-from server.jobs.redis_store import RedisJobStore
+from tokenrelay_server.jobs.redis_store import RedisJobStore
 
 from tests.jobs.helpers import build_job, started_synthetic, submit_request
 from tests.jobs.procs import (

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from server.jobs.model import (
+from tokenrelay_server.jobs.model import (
     Delta, IdempotencyConflict, JobError, JobNotFound, JobState, JobTier, WebhookDelivery, merge_deltas,
 )
-from server.jobs.store import JobStore
+from tokenrelay_server.jobs.store import JobStore
 
 from tests.jobs.conftest import StoreFactory
 from tests.jobs.helpers import make_job

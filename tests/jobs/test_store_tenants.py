@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.jobs.model import IdempotencyConflict, JobState
-from server.jobs.store import JobStore
+from tokenrelay_server.jobs.model import IdempotencyConflict, JobState
+from tokenrelay_server.jobs.store import JobStore
 from tests.jobs.conftest import StoreFactory
 from tests.jobs.helpers import make_job
 

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from engines.base import InvalidRequest
-from server.jobs.webhook_url import forbidden_reason
-from server.main import apply_env_defaults
-from server.jobs.webhooks import (
+from tokenrelay_engines.base import InvalidRequest
+from tokenrelay_server.jobs.webhook_url import forbidden_reason
+from tokenrelay_server.main import apply_env_defaults
+from tokenrelay_server.jobs.webhooks import (
     DeliveryAttempt,
     WebhookConfig,
     WebhookSender,

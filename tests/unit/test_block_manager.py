@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engines.base import Request
-from engines.scheduler.block_manager import BlockManager, OutOfBlocks
-from engines.scheduler.sequence import Sequence
+from tokenrelay_engines.base import Request
+from tokenrelay_engines.scheduler.block_manager import BlockManager, OutOfBlocks
+from tokenrelay_engines.scheduler.sequence import Sequence
 
 
 def _seq(rid: str = "r", prompt_len: int = 5) -> Sequence:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.chat import MAX_CHAT_MESSAGES, chat_prompt
-from server.errors import FailedPrecondition
+from tokenrelay_server.chat import MAX_CHAT_MESSAGES, chat_prompt
+from tokenrelay_server.errors import FailedPrecondition
 
 
 def _encode(messages):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.chat_template import (
+from tokenrelay_engines.chat_template import (
     ChatMessage, ChatTemplate, ChatTemplateError, end_of_turn_token, template_from_tokenizer_config,
 )
 
@@ -56,7 +56,7 @@ SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_
 def hf_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from engines.torch.loader import DEMO_MODEL_DIR
+    from tokenrelay_engines.torch.loader import DEMO_MODEL_DIR
 
     demo = Path(__file__).resolve().parents[2] / "engines" / "torch" / DEMO_MODEL_DIR
     return PreTrainedTokenizerFast(tokenizer_file=str(demo / "tokenizer.json"), **SPECIALS)

@@ -7,12 +7,12 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2
 from tokenrelay.v1 import generation_pb2 as gen
 
-from engines.base import (
+from tokenrelay_engines.base import (
     EngineDeadError, FinishReason, InvalidRequest, ModelInfo, RequestMetrics, RequestOutput, TokenLogprob, Usage,
 )
-from server import convert
-from server.errors import AdmissionRejected, InvalidRequests, ServerDraining, to_status
-from server.limits import InputLimits
+from tokenrelay_server import convert
+from tokenrelay_server.errors import AdmissionRejected, InvalidRequests, ServerDraining, to_status
+from tokenrelay_server.limits import InputLimits
 
 INFO = ModelInfo(name="m", context_length=64, vocab_size=100, eos_token_ids=(2,), max_logprobs=5,
                  max_stop_strings=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from server.main import add_serve_arguments, env_name, serve_flags
+from tokenrelay_server.main import add_serve_arguments, env_name, serve_flags
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes-security.yaml"
 

@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engines.detokenizer import IncrementalDetokenizer
+from tokenrelay_engines.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello café 日本語 world 🎉🙂 done",

@@ -9,14 +9,14 @@ import time
 import pytest
 from tokenizers import Tokenizer, decoders, models
 
-from engines.base import (
+from tokenrelay_engines.base import (
     AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, ModelInfo, Request, RequestOutput,
     SamplingParams, StoppingCriteria, TokenLogprob,
 )
-from engines.config import SchedulerConfig, TorchEngineConfig
-from engines.scheduler.sequence import RunnerOutput, SchedulerOutput
-from engines.torch.engine import TorchEngine
-from engines.torch.streams import OutputSlot
+from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+from tokenrelay_engines.scheduler.sequence import RunnerOutput, SchedulerOutput
+from tokenrelay_engines.torch.engine import TorchEngine
+from tokenrelay_engines.torch.streams import OutputSlot
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EOS = 0

@@ -6,8 +6,8 @@ import io
 import json
 import logging
 
-from server import call_context
-from server.logs import make_handler
+from tokenrelay_server import call_context
+from tokenrelay_server.logs import make_handler
 
 
 def _logger(fmt: str) -> tuple[logging.Logger, io.StringIO]:

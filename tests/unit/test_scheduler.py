@@ -7,11 +7,11 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engines.base import FinishReason, Request, StoppingCriteria
-from engines.config import SchedulerConfig
-from engines.scheduler.block_manager import BlockManager
-from engines.scheduler.scheduler import Scheduler
-from engines.scheduler.sequence import RunnerOutput, SchedulerOutput, Sequence, SequenceStatus
+from tokenrelay_engines.base import FinishReason, Request, StoppingCriteria
+from tokenrelay_engines.config import SchedulerConfig
+from tokenrelay_engines.scheduler.block_manager import BlockManager
+from tokenrelay_engines.scheduler.scheduler import Scheduler
+from tokenrelay_engines.scheduler.sequence import RunnerOutput, SchedulerOutput, Sequence, SequenceStatus
 
 EOS = 2
 FILLER = 50  # a token that never stops anything

@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from server import main as server_main
+from tokenrelay_server import main as server_main
 
 _CANDIDATES = ("7", "0.5", "2.5,5", "example.org", "sqlite:///tmp/tokenrelay-env.db",
                "whsec_" + base64.b64encode(b"k" * 32).decode())

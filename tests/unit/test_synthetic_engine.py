@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engines.base import (
+from tokenrelay_engines.base import (
     AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria,
 )
-from engines.synthetic import EOS_ID, SyntheticEngine, SyntheticEngineConfig, decode, encode
+from tokenrelay_engines.synthetic import EOS_ID, SyntheticEngine, SyntheticEngineConfig, decode, encode
 
 FAST = SyntheticEngineConfig(ttft_ms=2, itl_ms=1)
 

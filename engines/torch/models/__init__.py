@@ -1,5 +1,5 @@
 """Model implementations in plain torch. Every supported architecture is Llama-shaped."""
 
-from engines.torch.models.llama import LlamaForCausalLM
+from tokenrelay_engines.torch.models.llama import LlamaForCausalLM
 
 __all__ = ["LlamaForCausalLM"]

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch.attention import AttentionBackend, AttentionMetadata
-from engines.torch.shapes import ModelConfig, RopeScaling
+from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata
+from tokenrelay_engines.torch.shapes import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
