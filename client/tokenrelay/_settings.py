@@ -44,14 +44,19 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool:
     raise ValueError(f"{ENV_PREFIX}{name}={value!r}: expected 1/true/yes or 0/false/no")
 
 
-def _env_number(env: Mapping[str, str], name: str, kind: type[float] | type[int]) -> Any:
+def _env_number(env: Mapping[str, str], name: str, kind: type[float] | type[int], low: float) -> Any:
+    """The variable as a number >= low (> 0 for timeouts); None when unset."""
     value = _env(env, name)
     if value is None:
         return None
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name}={value!r}: expected a number") from None
+        number = None
+    if number is None or number < low or (kind is float and number == 0):
+        raise ValueError(f"{ENV_PREFIX}{name}={value!r}: expected a {kind.__name__} "
+                         f"{'> 0' if kind is float else f'>= {low}'}")
+    return number
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,11 +76,11 @@ class ClientSettings:
         if timeout is UNSET:
             raw = _env(env, "TIMEOUT")
             timeout = None if raw is not None and raw.lower() == "none" else (
-                _env_number(env, "TIMEOUT", float) if raw is not None else DEFAULT_TIMEOUT)
+                _env_number(env, "TIMEOUT", float, 0) if raw is not None else DEFAULT_TIMEOUT)
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be > 0 seconds or None")
         if max_retries is None:
-            max_retries = _env_number(env, "MAX_RETRIES", int)
+            max_retries = _env_number(env, "MAX_RETRIES", int, 0)
         retry = RetryPolicy(max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries)
         security = ChannelSecurity(
             tls=_env_bool(env, "TLS") if tls is None else tls,
