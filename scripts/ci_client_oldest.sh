@@ -6,7 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-venv="${1:-$(mktemp -d)/oldest}"
+if [ $# -ge 1 ]; then
+  venv="$1"
+else
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  venv="$scratch/oldest"
+fi
 minimum() {  # the version after "NAME>=" in the client's dependencies
   sed -n "s/.*\"$1>=\([0-9][0-9.]*\)\".*/\1/p" client/pyproject.toml | head -n 1
 }
