@@ -131,11 +131,11 @@ def job(message: jobs_pb2.Job) -> Job:
 
 
 def submit_result(message: jobs_pb2.SubmitJobResponse) -> SubmitResult:
-    return SubmitResult(job(message.job), message.created)
+    return SubmitResult(job(message.job), message.created, proto=message)
 
 
 def job_page(message: jobs_pb2.ListJobsResponse) -> JobPage:
-    return JobPage(tuple(job(j) for j in message.jobs), message.next_page_token)
+    return JobPage(tuple(job(j) for j in message.jobs), message.next_page_token, proto=message)
 
 
 def job_event(message: jobs_pb2.WatchJobResponse) -> JobEvent:

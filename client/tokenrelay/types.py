@@ -8,7 +8,10 @@ generated constants, and `str()` gives the short lower-case name:
 
 Durations are float seconds, times are timezone-aware `datetime`s (None when unset). Each
 result keeps the message it came from in `.proto` (not shown in repr), for code that needs a
-field this module does not surface or wants protobuf JSON.
+field this module does not surface or wants protobuf JSON. For code written against the former
+protobuf results, an attribute a result does not have is read from `.proto` at run time
+(`event.WhichOneof(...)`, `json_format.MessageToJson(result)`); type checkers do not see that
+fallback, so typed code uses the fields above or `.proto` explicitly.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ __all__ = [
     "GenerationResult", "StreamStarted", "StreamDelta", "StreamFinished", "JobError",
     "StateTransition", "Job", "SubmitResult", "JobPage", "JobEvent", "ModelInfo", "ServerLoad",
 ]
+
+
+class _ProtoFallback:
+    """Run-time fallback of attribute reads to `self.proto` (hidden from type checkers)."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("_") or name == "proto":
+                raise AttributeError(name)
+            proto = self.proto
+            if proto is None:
+                raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+            return getattr(proto, name)
 
 
 class _ShortNameEnum(enum.IntEnum):
@@ -138,7 +156,7 @@ class TokenLogprob:
 
 
 @dataclass(slots=True, frozen=True)
-class GenerationResult:
+class GenerationResult(_ProtoFallback):
     """One whole generation (Generate, a folded stream, or a job's result)."""
 
     text: str
@@ -154,7 +172,7 @@ class GenerationResult:
 
 
 @dataclass(slots=True, frozen=True)
-class StreamStarted:
+class StreamStarted(_ProtoFallback):
     request_id: str
     prompt_tokens: int
     seed: int
@@ -162,7 +180,7 @@ class StreamStarted:
 
 
 @dataclass(slots=True, frozen=True)
-class StreamDelta:
+class StreamDelta(_ProtoFallback):
     """New output since the previous delta; deltas concatenate to the whole result."""
 
     text: str
@@ -172,7 +190,7 @@ class StreamDelta:
 
 
 @dataclass(slots=True, frozen=True)
-class StreamFinished:
+class StreamFinished(_ProtoFallback):
     finish_reason: FinishReason
     usage: Usage
     timing: Timing = field(default_factory=Timing)
@@ -193,7 +211,7 @@ class StateTransition:
 
 
 @dataclass(slots=True, frozen=True)
-class Job:
+class Job(_ProtoFallback):
     """A durable job as the server last reported it."""
 
     job_id: str
@@ -220,19 +238,21 @@ class Job:
 
 
 @dataclass(slots=True, frozen=True)
-class SubmitResult:
+class SubmitResult(_ProtoFallback):
     job: Job
     created: bool  # False when the idempotency key matched an existing job
+    proto: jobs_pb2.SubmitJobResponse | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True, frozen=True)
-class JobPage:
+class JobPage(_ProtoFallback):
     jobs: tuple[Job, ...]
     next_page_token: str = ""  # pass as page_token for the next page; "" on the last
+    proto: jobs_pb2.ListJobsResponse | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True, frozen=True)
-class JobEvent:
+class JobEvent(_ProtoFallback):
     """One WatchJob event: a state change, new output (a delta), or the ended job."""
 
     kind: Literal["state_change", "delta", "ended"]
@@ -246,7 +266,7 @@ class JobEvent:
 
 
 @dataclass(slots=True, frozen=True)
-class ModelInfo:
+class ModelInfo(_ProtoFallback):
     model_name: str
     context_length: int
     vocab_size: int
@@ -258,7 +278,7 @@ class ModelInfo:
 
 
 @dataclass(slots=True, frozen=True)
-class ServerLoad:
+class ServerLoad(_ProtoFallback):
     running: int
     waiting: int
     kv_blocks_used: int
