@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from tests.client.conftest import CALL_BOUND, in_thread
 from tokenrelay import (
@@ -380,3 +380,8 @@ async def test_results_are_typed(tiny_server):
         ended = await client.wait(job.job_id, timeout=CALL_BOUND)
         assert ended.state is JobState.SUCCEEDED and ended.ended and str(ended.state) == "succeeded"
         assert f"{ended.state}" == "succeeded" and repr(ended.state) == "<JobState.SUCCEEDED: 3>"
+        assert str(result.usage) == "0 prompt + 0 completion tokens" and "\n" not in repr(result)
+        # Code written against the former protobuf results keeps working at run time.
+        assert json_format.MessageToDict(result)["text"] == "ok" and result.proto.text == "ok"
+        assert ended.HasField("result") and ended.proto.job_id == ended.job_id
+        assert ended.state == jobs_pb2.JOB_STATE_SUCCEEDED  # the enums keep the wire values
