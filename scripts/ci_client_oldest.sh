@@ -6,13 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if [ $# -ge 1 ]; then
-  venv="$1"
-else
-  scratch="$(mktemp -d)"
-  trap 'rm -rf "$scratch"' EXIT
-  venv="$scratch/oldest"
-fi
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+venv="${1:-$scratch/oldest}"
 minimum() {  # the version after "NAME>=" in the client's dependencies
   sed -n "s/.*\"$1>=\([0-9][0-9.]*\)\".*/\1/p" client/pyproject.toml | head -n 1
 }
@@ -25,7 +21,10 @@ fi
 python -m venv "$venv"
 pins="$venv/oldest-constraints.txt"
 printf 'grpcio==%s\nprotobuf==%s\n' "$grpcio_min" "$protobuf_min" > "$pins"
-"$venv/bin/python" -m pip install -q -c "$pins" ./client pytest pytest-asyncio pytest-timeout googleapis-common-protos
+cp -r client "$scratch/client-src"  # built from a copy: no build/ left in the checkout
+rm -rf "$scratch/client-src/build" "$scratch/client-src"/*.egg-info
+"$venv/bin/python" -m pip install -q -c "$pins" "$scratch/client-src" pytest pytest-asyncio pytest-timeout \
+  googleapis-common-protos
 "$venv/bin/python" - "$grpcio_min" "$protobuf_min" <<'PY'
 import sys
 import grpc

@@ -5,10 +5,12 @@ The one place where responses stop being protobuf; requests are built in _params
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from tokenrelay.types import (
     FinishReason,
@@ -51,15 +53,15 @@ def job_state(value: int) -> JobState:
     return JobState(_enum(JobState, value))
 
 
-def _seconds(message: object, name: str) -> float | None:
-    if not message.HasField(name):  # type: ignore[attr-defined]
+def _seconds(message: Message, name: str) -> float | None:
+    if not message.HasField(name):
         return None
     duration: duration_pb2.Duration = getattr(message, name)
     return duration.seconds + duration.nanos / 1e9
 
 
-def _time(message: object, name: str) -> datetime | None:
-    if not message.HasField(name):  # type: ignore[attr-defined]
+def _time(message: Message, name: str) -> datetime | None:
+    if not message.HasField(name):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, name)
     return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=timezone.utc)
@@ -74,10 +76,10 @@ def timing(message: generation_pb2.Timing) -> Timing:
                   _seconds(message, "total"))
 
 
-def logprobs(items: object) -> tuple[TokenLogprob, ...]:
+def logprobs(items: Iterable[generation_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(lp.token_id, lp.logprob,
                               tuple(TopLogprob(t.token_id, t.logprob) for t in lp.top))
-                 for lp in items)  # type: ignore[attr-defined]
+                 for lp in items)
 
 
 def matched_stop(message: generation_pb2.MatchedStop) -> str | int | None:

@@ -10,30 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
-import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 
 from tokenrelay import (
     AsyncClient,
     Client,
     DeadlineExceededError,
     InvalidArgumentError,
-    NotFoundError,
     ResourceExhaustedError,
-    TokenRelayError,
     UnavailableError,
     UnimplementedError,
 )
-from tokenrelay._status import RetryInfo, encode_status
 from tokenrelay.v1 import (
     generation_pb2,
     jobs_pb2,
-    jobs_pb2_grpc,
     text_generation_pb2,
-    text_generation_pb2_grpc,
 )
 
 CALL_BOUND = 30.0  # every wait in this file is bounded by this many seconds
