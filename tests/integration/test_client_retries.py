@@ -34,7 +34,7 @@ def _rejected(port: int) -> float:
                for sample in family.samples if sample.name == "tokenrelay:num_requests_rejected_total")
 
 
-@pytest.mark.parametrize("hint_ms", [400])
+@pytest.mark.parametrize("hint_ms", [1000])
 async def test_full_queue_is_retried_after_the_hinted_delay(synthetic_server_factory, wait_until, hint_ms):
     server = await synthetic_server_factory(
         ttft_ms=20_000.0, warmup=False, max_pending_requests=1, retry_after_ms=hint_ms,
