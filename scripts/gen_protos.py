@@ -4,12 +4,19 @@
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs differ (CI)
 
 The generator version is pinned in constraints/ci.txt (grpcio-tools), so the output is stable.
+
+The output is made to work across the range the client claims in client/pyproject.toml
+(protobuf >= 5.26.1, grpcio >= the version named there), not only with the generator's own
+versions: the gencode's runtime check, which refuses any protobuf older than the generator's,
+is taken out of *_pb2.py, and *_pb2_grpc.py requires the client's minimum grpcio. CI runs the
+client's suite with those oldest versions (scripts/ci_client_oldest.sh) and with the newest.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -33,6 +40,39 @@ def generate(out_dir: Path) -> None:
         raise SystemExit("protoc failed")
 
 
+_RUNTIME_CHECK = re.compile(
+    r"from google\.protobuf import runtime_version as _runtime_version\n"
+    r"(?P<between>(?:.*\n)*?)"
+    r"_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:    .*\n)*?\)\n")
+_GRPC_VERSION = re.compile(r"^GRPC_GENERATED_VERSION = '[0-9.]+'$", re.MULTILINE)
+
+
+def client_minimum(package: str) -> str:
+    """The lowest version of `package` that client/pyproject.toml allows ("grpcio>=1.63.0")."""
+    text = (OUT / "pyproject.toml").read_text()
+    found = re.search(rf'"{re.escape(package)}>=([0-9][0-9.]*)', text)
+    if found is None:
+        raise SystemExit(f"client/pyproject.toml names no {package}>=VERSION")
+    return found.group(1)
+
+
+def widen(out_dir: Path) -> None:
+    """Make the generated code load on every protobuf / grpcio version the client claims."""
+    grpc_minimum = client_minimum("grpcio")
+    for path in sorted((out_dir / GENERATED).glob("*_pb2.py")):
+        text, count = _RUNTIME_CHECK.subn(
+            lambda m: m.group("between") + "# (gen_protos.py: no gencode runtime check; the client "
+                      "supports protobuf>=" + client_minimum("protobuf") + ")\n", path.read_text())
+        if count != 1:
+            raise SystemExit(f"{path.name}: the gencode runtime check was not found")
+        path.write_text(text)
+    for path in sorted((out_dir / GENERATED).glob("*_pb2_grpc.py")):
+        text, count = _GRPC_VERSION.subn(f"GRPC_GENERATED_VERSION = '{grpc_minimum}'", path.read_text())
+        if count != 1:
+            raise SystemExit(f"{path.name}: GRPC_GENERATED_VERSION was not found")
+        path.write_text(text)
+
+
 def generated_files(base: Path) -> set[str]:
     return {p.name for p in (base / GENERATED).glob("*_pb2*.py*")}
 
@@ -44,6 +84,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         generate(tmp_dir)
+        widen(tmp_dir)
         fresh, committed = generated_files(tmp_dir), generated_files(OUT)
         if args.check:
             drift = sorted(fresh ^ committed) + sorted(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from google.protobuf import duration_pb2
 
@@ -15,6 +16,61 @@ STOPPING_OPTIONS = ("max_tokens", "min_tokens", "stop", "stop_token_ids", "ignor
                     "include_stop_in_output")
 OTHER_OPTIONS = ("logprobs", "priority", "request_id")
 GENERATION_OPTIONS = frozenset(SAMPLING_OPTIONS + STOPPING_OPTIONS + OTHER_OPTIONS)
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationOptions:
+    """Every per-request option of Generate / GenerateStream / SubmitJob; None: server default.
+
+    The client methods take these as keyword parameters of the same names (pick() gathers them).
+    """
+
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    include_stop_in_output: bool = False
+    logprobs: int | bool | None = None  # True: the sampled token's logprob only (0 alternatives)
+    priority: int | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def pick(cls, values: Mapping[str, Any]) -> GenerationOptions:
+        """The options among a method's arguments (its locals())."""
+        return cls(**{name: values[name] for name in GENERATION_OPTIONS if name in values})
+
+    def apply(self, params: generation_pb2.GenerationParams) -> None:
+        for name in SAMPLING_OPTIONS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(params.sampling, name, value)
+        stopping = params.stopping
+        if self.max_tokens is not None:
+            stopping.max_tokens = self.max_tokens
+        if self.min_tokens is not None:
+            stopping.min_tokens = self.min_tokens
+        if self.stop is not None:
+            stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        if self.stop_token_ids is not None:
+            stopping.stop_token_ids.extend(self.stop_token_ids)
+        stopping.ignore_eos = bool(self.ignore_eos)
+        stopping.include_stop_in_output = bool(self.include_stop_in_output)
+        if self.logprobs is not None and self.logprobs is not False:
+            params.logprobs = 0 if self.logprobs is True else int(self.logprobs)
+        if self.priority is not None:
+            params.priority = self.priority
+        if self.request_id:
+            params.request_id = self.request_id
+
 
 JOB_PRIORITIES = {
     "urgent": jobs_pb2.JOB_PRIORITY_URGENT,
@@ -57,46 +113,29 @@ def _is_chat(prompt: Any) -> bool:
         and all(isinstance(m, (Mapping, tuple, generation_pb2.ChatMessage)) for m in prompt))
 
 
-def generation_params(prompt: str | Sequence[int] | Sequence[ChatMessageLike] | generation_pb2.ChatMessages,
-                      options: Mapping[str, Any]) -> generation_pb2.GenerationParams:
-    """Build GenerationParams. Unknown options raise TypeError; None means "server default".
+Prompt = str | Sequence[int] | Sequence[ChatMessageLike]
 
-    The prompt is text, token ids, or chat messages (rendered by the server's chat template).
-    """
-    unknown = set(options) - GENERATION_OPTIONS
-    if unknown:
-        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
-                        f"expected some of {', '.join(sorted(GENERATION_OPTIONS))}")
+
+def generation_params(prompt: Prompt | generation_pb2.ChatMessages,
+                      options: GenerationOptions | Mapping[str, Any]) -> generation_pb2.GenerationParams:
+    """Build GenerationParams from a prompt (text, token ids or chat messages, the latter rendered
+    by the server's chat template) and the options (a mapping: unknown names raise TypeError)."""
+    if not isinstance(options, GenerationOptions):
+        unknown = set(options) - GENERATION_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}; "
+                            f"expected some of {', '.join(sorted(GENERATION_OPTIONS))}")
+        options = GenerationOptions(**options)
     params = generation_pb2.GenerationParams()
     if isinstance(prompt, str):
         params.text = prompt
     elif _is_chat(prompt):
-        params.messages.CopyFrom(chat_messages(prompt))
+        params.messages.CopyFrom(chat_messages(prompt))  # type: ignore[arg-type]
     elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-        params.token_ids.ids.extend(prompt)
+        params.token_ids.ids.extend(prompt)  # type: ignore[arg-type]
     else:
         raise TypeError("prompt must be a str, a sequence of int token ids, or chat messages")
-    for name in SAMPLING_OPTIONS:
-        if options.get(name) is not None:
-            setattr(params.sampling, name, options[name])
-    stopping = params.stopping
-    for name in ("max_tokens", "min_tokens"):
-        if options.get(name) is not None:
-            setattr(stopping, name, options[name])
-    stop = options.get("stop")
-    if stop is not None:
-        stopping.stop.extend([stop] if isinstance(stop, str) else stop)
-    if options.get("stop_token_ids") is not None:
-        stopping.stop_token_ids.extend(options["stop_token_ids"])
-    stopping.ignore_eos = bool(options.get("ignore_eos", False))
-    stopping.include_stop_in_output = bool(options.get("include_stop_in_output", False))
-    if options.get("logprobs") is not None:
-        logprobs = options["logprobs"]
-        params.logprobs = 0 if logprobs is True else int(logprobs)
-    if options.get("priority") is not None:
-        params.priority = options["priority"]
-    if options.get("request_id"):
-        params.request_id = options["request_id"]
+    options.apply(params)
     return params
 
 
@@ -110,23 +149,24 @@ def _duration(seconds: float | None) -> duration_pb2.Duration | None:
     return duration
 
 
-def job_priority(value: str | int | None) -> int:
+def job_priority(value: str | int | None) -> jobs_pb2.JobPriority:
+    """A JobPriority (or its value) or a name: "urgent", "standard", "bulk"."""
     if value is None:
         return jobs_pb2.JOB_PRIORITY_UNSPECIFIED
     if isinstance(value, str):
         try:
-            return JOB_PRIORITIES[value.lower()]
+            return JOB_PRIORITIES[value.strip().lower()]
         except KeyError:
             raise ValueError(f"job priority must be one of {sorted(JOB_PRIORITIES)}, not {value!r}"
                              ) from None
-    return int(value)
+    return cast("jobs_pb2.JobPriority", int(value))
 
 
-def submit_request(prompt: str | Sequence[int], *, idempotency_key: str,
+def submit_request(prompt: Prompt, *, idempotency_key: str,
                    job_priority_value: str | int | None = None, queue_ttl: float | None = None,
                    result_retention: float | None = None, max_attempts: int | None = None,
                    webhook_url: str | None = None, labels: Mapping[str, str] | None = None,
-                   options: Mapping[str, Any]) -> jobs_pb2.SubmitJobRequest:
+                   options: GenerationOptions | Mapping[str, Any]) -> jobs_pb2.SubmitJobRequest:
     request = jobs_pb2.SubmitJobRequest(
         params=generation_params(prompt, options),
         priority=job_priority(job_priority_value),
@@ -142,17 +182,17 @@ def submit_request(prompt: str | Sequence[int], *, idempotency_key: str,
     return request
 
 
-def job_states(states: Sequence[str | int] | None) -> list[int]:
-    """Job states by enum value or name ("succeeded", "JOB_STATE_SUCCEEDED")."""
-    result = []
+def job_states(states: Sequence[str | int] | None) -> list[jobs_pb2.JobState]:
+    """Job states by JobState, value or name ("succeeded", "JOB_STATE_SUCCEEDED")."""
+    result: list[jobs_pb2.JobState] = []
     for state in states or ():
         if isinstance(state, str):
-            name = state.upper()
+            name = state.strip().upper()
             name = name if name.startswith("JOB_STATE_") else "JOB_STATE_" + name
             try:
-                result.append(jobs_pb2.JobState.Value(name))
+                result.append(cast("jobs_pb2.JobState", jobs_pb2.JobState.Value(name)))
             except ValueError:
                 raise ValueError(f"unknown job state {state!r}") from None
         else:
-            result.append(int(state))
+            result.append(cast("jobs_pb2.JobState", int(state)))
     return result

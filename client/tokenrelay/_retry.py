@@ -1,8 +1,13 @@
 """Retry policy and call deadlines shared by Client and AsyncClient.
 
-Only UNAVAILABLE is retried (the server is down, restarting or draining: the request did not
-run), with exponential backoff and jitter, and never past the call's deadline. Streams are
-retried only before their first event, so a consumer never sees an event twice.
+Retried: UNAVAILABLE (the server is down, restarting or draining) and RESOURCE_EXHAUSTED with
+a RetryInfo delay (the queue or a tenant quota is full: the request was refused before it ran),
+with exponential backoff and jitter, waiting at least the server's RetryInfo delay, never past
+the call's deadline. Nothing else is retried. A retried call must be safe to repeat: generation
+and reads are; SubmitJob always carries an idempotency key (the client makes one up when the
+caller gives none), so a retry returns the job the lost attempt stored; DeleteJob's retry
+treats NOT_FOUND as done. Streams are retried only before their first event, so a consumer
+never sees an event twice.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import grpc
 from tokenrelay.errors import DeadlineExceededError, TokenRelayError, from_rpc_error
 
 Metadata = Sequence[tuple[str, str | bytes]] | Mapping[str, str]
+MetadataPairs = tuple[tuple[str, str | bytes], ...]
 UNSET: Any = object()  # "use the client's default timeout" (None means no deadline)
 
 
-def merge_metadata(base: Sequence[tuple[str, Any]], extra: Metadata | None
-                   ) -> tuple[tuple[str, Any], ...]:
+def merge_metadata(base: Sequence[tuple[str, str | bytes]], extra: Metadata | None) -> MetadataPairs:
     if extra is None:
         return tuple(base)
     pairs = extra.items() if isinstance(extra, Mapping) else extra
@@ -50,32 +55,52 @@ class Deadline:
         return remaining is not None and remaining <= 0
 
 
+DEFAULT_MAX_RETRIES = 2
+
+
 @dataclass(slots=True)
 class RetryPolicy:
-    """Exponential backoff with jitter: attempt k waits in [cap/2, cap], cap = initial * 2^k."""
+    """Exponential backoff with jitter: attempt k waits in [cap/2, cap], cap = initial * 2^k;
+    with a RetryInfo delay d, at least d (jittered up to d * 1.25, at most max_retry_delay)."""
 
-    retries: int = 3
+    max_retries: int = DEFAULT_MAX_RETRIES
     initial_backoff: float = 0.1
-    max_backoff: float = 2.0
+    max_backoff: float = 5.0
+    max_retry_delay: float = 60.0  # the longest server hint honoured; longer ones are not retried
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError("retries must be >= 0")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
         if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
             raise ValueError("need 0 <= initial_backoff <= max_backoff")
 
+    @property
+    def retries(self) -> int:  # the former name
+        return self.max_retries
+
     def backoff(self, attempt: int) -> float:
-        cap = min(self.max_backoff, self.initial_backoff * (2 ** attempt))
+        cap = min(self.max_backoff, self.initial_backoff * (2.0 ** attempt))
         return cap / 2 + self.rng.uniform(0, cap / 2)
+
+    @staticmethod
+    def retryable(error: TokenRelayError) -> bool:
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        # A full queue or quota says when to come back; RESOURCE_EXHAUSTED without a hint is
+        # e.g. a message over grpc's size limit, which a retry cannot fix.
+        return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None
 
     def next_delay(self, error: TokenRelayError, attempt: int, deadline: Deadline) -> float | None:
         """Seconds to wait before retry number `attempt + 1`, or None to give up and raise."""
-        if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+        if not self.retryable(error) or attempt >= self.max_retries:
             return None
         delay = self.backoff(attempt)
-        if error.retry_delay is not None:
-            delay = max(delay, min(error.retry_delay, self.max_backoff))
+        hint = error.retry_delay
+        if hint is not None:
+            if hint > self.max_retry_delay:
+                return None
+            delay = max(delay, hint * (1 + self.rng.uniform(0, 0.25)))
         remaining = deadline.remaining()
         if remaining is not None and delay >= remaining:
             return None
@@ -95,8 +120,8 @@ class JobWait:
     """The decisions of Client.wait and AsyncClient.wait; each loop only does its own I/O.
 
     A round gets the job, then watches it while the server has WatchJob. UNIMPLEMENTED
-    switches to polling GetJob every `poll_interval`; UNAVAILABLE is retried up to
-    `policy.retries` times in a row (an event seen resets that count); a watch that ends
+    switches to polling GetJob every `poll_interval`; retryable failures are retried up to
+    `policy.max_retries` times in a row (an event seen resets that count); a watch that ends
     without the job ending resets the backoff; anything else raises. Never waits past
     `timeout`, raising DeadlineExceededError instead.
     """
@@ -108,7 +133,8 @@ class JobWait:
     deadline: Deadline = field(init=False)
     watch_supported: bool = field(default=True, init=False)
     attempt: int = field(default=0, init=False)
-    unavailable: int = field(default=0, init=False)  # consecutive UNAVAILABLE failures
+    unavailable: int = field(default=0, init=False)  # consecutive retryable failures
+    hint: float | None = field(default=None, init=False)  # the last failure's RetryInfo delay
 
     def __post_init__(self) -> None:
         self.deadline = Deadline(self.timeout)
@@ -125,14 +151,17 @@ class JobWait:
             self.watch_supported = False
         elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED or self.deadline.expired():
             raise self.timed_out() from None
-        elif error.code != grpc.StatusCode.UNAVAILABLE or self.unavailable >= self.policy.retries:
+        elif not RetryPolicy.retryable(error) or self.unavailable >= self.policy.max_retries:
             raise error
         else:
             self.unavailable += 1
+            self.hint = error.retry_delay
 
     def next_pause(self) -> float:
         """Seconds to sleep before the next round; raises if that would pass the deadline."""
         pause = self.poll_interval if not self.watch_supported else self.policy.backoff(self.attempt)
+        if self.hint is not None:
+            pause, self.hint = max(pause, self.hint), None
         self.attempt += 1
         remaining = self.deadline.remaining()
         if remaining is not None and pause >= remaining:

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-PemSource = str | bytes | os.PathLike | None  # a PEM file path, or the PEM bytes themselves
+PemSource = str | bytes | os.PathLike[str] | None  # a PEM file path, or the PEM bytes themselves
 
 
 def _pem(source: PemSource) -> bytes | None:
@@ -64,7 +64,8 @@ def _otel_grpc() -> Any:
 def tracing_interceptors() -> list[Any]:
     """OpenTelemetry grpc.aio client interceptors (the global tracer provider; they send the
     current trace as W3C traceparent)."""
-    return _otel_grpc().aio_client_interceptors()
+    interceptors: list[Any] = _otel_grpc().aio_client_interceptors()
+    return interceptors
 
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
@@ -72,7 +73,9 @@ def traced_channel(channel: grpc.Channel) -> grpc.Channel:
     otel_grpc = _otel_grpc()
     from opentelemetry.instrumentation.grpc import grpcext
 
-    return grpcext.intercept_channel(channel, otel_grpc.client_interceptor())
+    traced: grpc.Channel = grpcext.intercept_channel(  # type: ignore[no-untyped-call]
+        channel, otel_grpc.client_interceptor())
+    return traced
 
 
 def add_security_arguments(group: Any) -> None:

@@ -67,7 +67,7 @@ class StatusDetails:
     details: tuple[Detail, ...] = ()
 
 
-def _field(name: str, number: int, ftype: int, *, label: int = _F.LABEL_OPTIONAL,
+def _field(name: str, number: int, ftype: Any, *, label: Any = _F.LABEL_OPTIONAL,
            type_name: str = "") -> descriptor_pb2.FieldDescriptorProto:
     proto = _F(name=name, number=number, type=ftype, label=label)
     if type_name:
@@ -195,4 +195,5 @@ def encode_status(code: int, message: str, details: Iterable[Detail] = ()) -> by
             status.details.add(type_url=detail.type_url, value=detail.value)
             continue
         status.details.add(type_url=_TYPE_PREFIX + name, value=msg.SerializeToString())
-    return status.SerializeToString()
+    data: bytes = status.SerializeToString()
+    return data

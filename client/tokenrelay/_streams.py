@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
 
 import grpc
 
+from tokenrelay import _convert
 from tokenrelay._retry import Deadline, RetryPolicy
 from tokenrelay.errors import from_rpc_error
-from tokenrelay.v1 import generation_pb2, text_generation_pb2
+from tokenrelay.types import (
+    FinishReason,
+    GenerationResult,
+    StreamDelta,
+    StreamFinished,
+    StreamStarted,
+    Timing,
+    TokenLogprob,
+    Usage,
+)
+from tokenrelay.v1 import text_generation_pb2
 
 StartCall = Callable[[float | None], Any]  # timeout -> a started grpc streaming call
 
 
 def iterate_with_retry(start: StartCall, policy: RetryPolicy, deadline: Deadline
-                       ) -> Iterator[Any]:
+                       ) -> Generator[Any, None, None]:
     """Yield a server stream's responses; retry UNAVAILABLE only before the first response."""
     attempt = 0
     while True:
@@ -39,7 +50,7 @@ def iterate_with_retry(start: StartCall, policy: RetryPolicy, deadline: Deadline
 
 
 async def aiterate_with_retry(start: StartCall, policy: RetryPolicy, deadline: Deadline
-                              ) -> AsyncIterator[Any]:
+                              ) -> AsyncGenerator[Any, None]:
     """Async twin of iterate_with_retry, for grpc.aio streaming calls."""
     attempt = 0
     while True:
@@ -64,52 +75,57 @@ class _StreamState:
     """What a generation stream has seen so far: started, accumulated output, finished."""
 
     def __init__(self) -> None:
-        self.started: text_generation_pb2.StreamStarted | None = None
-        self.finished: text_generation_pb2.StreamFinished | None = None
-        self.text = ""
+        self.started: StreamStarted | None = None
+        self.finished: StreamFinished | None = None
+        self._text: list[str] = []
         self.token_ids: list[int] = []
-        self.logprobs: list[generation_pb2.TokenLogprob] = []
+        self.logprobs: list[TokenLogprob] = []
 
-    def _observe(self, response: text_generation_pb2.GenerateStreamResponse
-                 ) -> text_generation_pb2.StreamDelta | None:
+    def _observe(self, response: text_generation_pb2.GenerateStreamResponse) -> StreamDelta | None:
         kind = response.WhichOneof("event")
         if kind == "started":
-            self.started = response.started
+            self.started = _convert.stream_started(response.started)
         elif kind == "finished":
-            self.finished = response.finished
+            self.finished = _convert.stream_finished(response.finished)
         elif kind == "delta":
-            delta = response.delta
-            self.text += delta.text
+            delta = _convert.stream_delta(response.delta)
+            self._text.append(delta.text)
             self.token_ids.extend(delta.token_ids)
             self.logprobs.extend(delta.logprobs)
             return delta
         return None
 
     @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._text)
+
+    @property
     def request_id(self) -> str:
         return self.started.request_id if self.started is not None else ""
 
     @property
-    def finish_reason(self) -> int | None:
-        """A generation_pb2.FinishReason value once the stream has finished, else None."""
+    def finish_reason(self) -> FinishReason | None:
+        """Why the generation ended, once the stream has finished; else None."""
         return self.finished.finish_reason if self.finished is not None else None
 
     @property
-    def usage(self) -> generation_pb2.Usage | None:
+    def usage(self) -> Usage | None:
         return self.finished.usage if self.finished is not None else None
 
-    def _result(self) -> generation_pb2.GenerationResult:
-        result = generation_pb2.GenerationResult(
-            request_id=self.request_id, text=self.text, token_ids=self.token_ids,
-            logprobs=self.logprobs)
-        if self.started is not None:
-            result.seed = self.started.seed
-        if self.finished is not None:
-            result.finish_reason = self.finished.finish_reason
-            result.matched_stop.CopyFrom(self.finished.matched_stop)
-            result.usage.CopyFrom(self.finished.usage)
-            result.timing.CopyFrom(self.finished.timing)
-        return result
+    @property
+    def timing(self) -> Timing | None:
+        return self.finished.timing if self.finished is not None else None
+
+    def _result(self) -> GenerationResult:
+        finished = self.finished
+        return GenerationResult(
+            text=self.text, token_ids=tuple(self.token_ids),
+            finish_reason=finished.finish_reason if finished else FinishReason.UNSPECIFIED,
+            usage=finished.usage if finished else Usage(),
+            timing=finished.timing if finished else Timing(), request_id=self.request_id,
+            matched_stop=finished.matched_stop if finished else None,
+            logprobs=tuple(self.logprobs), seed=self.started.seed if self.started else 0)
 
 
 class GenerationStream(_StreamState):
@@ -124,13 +140,13 @@ class GenerationStream(_StreamState):
         super().__init__()
         self._events = events
 
-    def __iter__(self) -> Iterator[text_generation_pb2.StreamDelta]:
+    def __iter__(self) -> Iterator[StreamDelta]:
         for response in self._events:
             delta = self._observe(response)
             if delta is not None:
                 yield delta
 
-    def result(self) -> generation_pb2.GenerationResult:
+    def result(self) -> GenerationResult:
         """Read the rest of the stream; the whole output as one GenerationResult."""
         for _ in self:
             pass
@@ -155,13 +171,13 @@ class AsyncGenerationStream(_StreamState):
         super().__init__()
         self._events = events
 
-    async def __aiter__(self) -> AsyncIterator[text_generation_pb2.StreamDelta]:
+    async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         async for response in self._events:
             delta = self._observe(response)
             if delta is not None:
                 yield delta
 
-    async def result(self) -> generation_pb2.GenerationResult:
+    async def result(self) -> GenerationResult:
         async for _ in self:
             pass
         return self._result()

@@ -5,7 +5,7 @@ import warnings
 
 from tokenrelay.v1 import text_generation_pb2 as tokenrelay_dot_v1_dot_text__generation__pb2
 
-GRPC_GENERATED_VERSION = '1.84.0'
+GRPC_GENERATED_VERSION = '1.65.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -159,26 +159,36 @@ def test_error_carries_field_violations_retry_delay_and_request_id():
     assert type(clone) is InvalidArgumentError and clone.field_violations == error.field_violations
 
 
-def test_retry_policy_retries_unavailable_only_within_budget_and_deadline():
-    policy = RetryPolicy(retries=2, initial_backoff=0.1, max_backoff=1.0)
+def test_retry_policy_retries_unavailable_and_hinted_resource_exhausted_within_budget():
+    policy = RetryPolicy(max_retries=2, initial_backoff=0.1, max_backoff=1.0)
+    assert RetryPolicy().max_retries == 2  # the default budget
     unavailable = UnavailableError(grpc.StatusCode.UNAVAILABLE, "down")
     no_deadline = Deadline(None)
     assert 0.05 <= policy.next_delay(unavailable, 0, no_deadline) <= 0.1
     assert 0.1 <= policy.next_delay(unavailable, 1, no_deadline) <= 0.2
     assert policy.next_delay(unavailable, 2, no_deadline) is None  # budget spent
+    # A full queue says when to come back: retried after at least that delay (jittered up).
+    full = ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", [RetryInfo(0.5)])
+    delays = [policy.next_delay(full, 0, no_deadline) for _ in range(50)]
+    assert all(0.5 <= d <= 0.625 for d in delays) and len(set(delays)) > 1
+    assert policy.next_delay(full, 2, no_deadline) is None
+    # RESOURCE_EXHAUSTED without a hint (e.g. a message over grpc's size limit) is final.
     for cls, code in ((ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
                       (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-                      (InternalError, grpc.StatusCode.INTERNAL)):
+                      (InternalError, grpc.StatusCode.INTERNAL),
+                      (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT)):
         assert policy.next_delay(cls(code, "x"), 0, no_deadline) is None
-    # A backoff that would end after the deadline is not taken.
+    # A wait that would end after the deadline is not taken; nor is an absurd hint.
     assert policy.next_delay(unavailable, 0, Deadline(0.01)) is None
-    # The server's RetryInfo lengthens the wait (capped by max_backoff).
+    assert policy.next_delay(full, 0, Deadline(0.3)) is None
+    huge = ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "x", [RetryInfo(3600.0)])
+    assert policy.next_delay(huge, 0, no_deadline) is None
     hinted = UnavailableError(grpc.StatusCode.UNAVAILABLE, "draining", [RetryInfo(0.5)])
-    assert policy.next_delay(hinted, 0, no_deadline) == pytest.approx(0.5)
+    assert 0.5 <= policy.next_delay(hinted, 0, no_deadline) <= 0.625
     for attempt in range(10):
         assert policy.backoff(attempt) <= 1.0
     with pytest.raises(ValueError):
-        RetryPolicy(retries=-1)
+        RetryPolicy(max_retries=-1)
     with pytest.raises(ValueError):
         Deadline(-1.0)
 
@@ -229,13 +239,13 @@ def test_client_package_needs_only_grpcio_and_protobuf():
     code = textwrap.dedent("""
         import importlib.abc, sys
         BLOCKED = ("google.rpc", "google.api", "grpc_status", "grpc_health", "grpc_reflection",
-                   "numpy", "torch", "server", "engines")
+                   "numpy", "torch", "server", "engines", "tokenrelay_server", "tokenrelay_engines")
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name.startswith(BLOCKED):
                     raise ImportError(f"client imported {name}")
         sys.meta_path.insert(0, Block())
-        import tokenrelay, tokenrelay.client, tokenrelay.loadgen, tokenrelay.errors
+        import tokenrelay, tokenrelay.client, tokenrelay.loadgen, tokenrelay.errors, tokenrelay.types
         from tokenrelay._status import decode_status, encode_status, BadRequest, FieldViolation
         details = decode_status(encode_status(3, "x", [BadRequest((FieldViolation("f", "d"),))])).details
         assert details[0].field_violations == (("f", "d"),)
