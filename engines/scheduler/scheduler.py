@@ -56,6 +56,7 @@ class Scheduler:
         self._keys: dict[str, tuple[int, float, int]] = {}
         self._stop_checkers: dict[str, StopChecker] = {}
         self._counter = itertools.count()
+        self._left: list[str] = []  # request ids that left the running batch since schedule()
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._left.append(rid)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -137,6 +139,7 @@ class Scheduler:
                 break
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._left.append(seq.request_id)
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
@@ -148,6 +151,11 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        out.finished_req_ids, self._left = self._left, []
+        return out
+
+    def _schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = [self.config.max_num_batched_tokens]  # boxed: _preempt refunds into it
 
