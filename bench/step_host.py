@@ -14,8 +14,12 @@ on one thread, exactly as the engine loop does:
                 on [N, vocab] logits, collect)
     update    = scheduler.update(batch, runner_output)   (includes stop checks / detokenizer)
     publish   = engine._publish(touched)                 (deltas into output slots)
+    detokenize: the incremental detokenizer's share of update + publish (it moves to the front
+                end with the engine-core process); core = total - detokenize
 
-A consumer that keeps up drains every slot after each step (not timed). Trees run alternately,
+A consumer that keeps up drains every slot after each step (not timed). Times are the stepping
+thread's CPU time (time.thread_time: torch runs with one thread), so other load on a shared box
+does not count. Trees run alternately,
 `--repeats` times; the table shows medians over repeats of each worker's median step, and the
 publish time over the first and last 20 % of steps (it must not grow with output length).
 """
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trees import parse_trees, tree_env  # noqa: E402
 
 PHASES = ("schedule", "prepare", "update", "publish")
+KEYS = (*PHASES, "total", "detokenize", "core", "publish_first", "publish_last")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,9 +71,9 @@ class _FakeModel:
         self.forward_s = 0.0
 
     def __call__(self, input_ids, *args, **kwargs):
-        t = time.perf_counter()
+        t = time.thread_time()
         out = self.hidden[: input_ids.shape[0]]
-        self.forward_s += time.perf_counter() - t
+        self.forward_s += time.thread_time() - t
         return out
 
     def compute_logits(self, hidden):
@@ -89,8 +94,23 @@ def _model_dir(tmp: Path, context: int) -> str:
 async def _worker(args: argparse.Namespace) -> dict:
     from tokenrelay_engines.base import Request, SamplingParams, StoppingCriteria
     from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+    from tokenrelay_engines.detokenizer import IncrementalDetokenizer
     from tokenrelay_engines.torch.engine import TorchEngine
     from tokenrelay_engines.torch.runner import ModelRunner
+
+    detok_s = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                detok_s[0] += time.thread_time() - t
+        return wrapper
+
+    for name in ("append", "take_text", "finish"):
+        setattr(IncrementalDetokenizer, name, timed(getattr(IncrementalDetokenizer, name)))
 
     n, total = args.seqs, args.prompt_len + args.steps + 8
     blocks = n * (-(-total // 16) + 1)
@@ -125,31 +145,35 @@ async def _worker(args: argparse.Namespace) -> dict:
         engine._apply(commands)
         slots = [s._slot for s in streams]
         fake = fakes[0]
-        times = {p: [] for p in PHASES}
+        times = {p: [] for p in (*PHASES, "detokenize")}
         decoded = 0
         while sched.has_unfinished:
-            t0 = time.perf_counter()
+            detok_s[0] = 0.0
+            t0 = time.thread_time()
             out = sched.schedule()
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             fake.forward_s = 0.0
             runner_out = runner.execute(out)
-            t2 = time.perf_counter()
+            t2 = time.thread_time()
             touched = sched.update(out, runner_out)
-            t3 = time.perf_counter()
+            t3 = time.thread_time()
             engine._publish(touched)
-            t4 = time.perf_counter()
+            t4 = time.thread_time()
             for slot in slots:
                 slot._take()
             full_decode = len(out.chunks) == n and all(c.num_new_tokens == 1 for c in out.chunks)
             if full_decode and sched.num_running == n:
                 for p, dt in zip(PHASES, (t1 - t0, t2 - t1 - fake.forward_s, t3 - t2, t4 - t3)):
                     times[p].append(dt * 1e3)
+                times["detokenize"].append(detok_s[0] * 1e3)
                 decoded += 1
         await engine.shutdown()
     steps = len(times["publish"])
     k = max(1, steps // 5)
     result = {p: statistics.median(v) for p, v in times.items()}
-    result["total"] = statistics.median([sum(x) for x in zip(*(times[p] for p in PHASES))])
+    totals = [sum(x) for x in zip(*(times[p] for p in PHASES))]
+    result["total"] = statistics.median(totals)
+    result["core"] = statistics.median([t - d for t, d in zip(totals, times["detokenize"])])
     result["publish_first"] = statistics.median(times["publish"][:k])
     result["publish_last"] = statistics.median(times["publish"][-k:])
     result["steps"] = steps
@@ -174,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"worker for {name} failed:\n{proc.stderr[-4000:]}")
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"repeat {r + 1} {name}: total {runs[name][-1]['total']:.3f} ms", file=sys.stderr)
-    keys = (*PHASES, "total", "publish_first", "publish_last")
+    keys = KEYS
     summary = {name: {k: round(statistics.median(x[k] for x in rs), 4) for k in keys} for name, rs in runs.items()}
     print(f"per-step host time at {args.seqs} running sequences, ms (median of {args.repeats} runs, "
           f"{runs[trees[0][0]][0]['steps']} decode steps each)")

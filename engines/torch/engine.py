@@ -264,14 +264,14 @@ class TorchEngine:
 
     def _delta(self, tracked: _Tracked) -> RequestOutput | None:
         seq = tracked.seq
-        new_ids = seq.output_token_ids[tracked.num_sent_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + tracked.num_sent_tokens:]  # only the new ones
         finished = seq.is_finished
         if not new_ids and not finished:
             return None
         detok = tracked.detokenizer
         if finished and seq.finish_reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             detok.finish()
-        out = RequestOutput(seq.request_id, token_ids=list(new_ids), text=detok.take_text())
+        out = RequestOutput(seq.request_id, token_ids=new_ids, text=detok.take_text())
         if seq.request.sampling.logprobs is not None:
             out.logprobs = list(seq.output_logprobs[tracked.num_sent_tokens:])
         tracked.num_sent_tokens += len(new_ids)

@@ -55,7 +55,8 @@ class InputBatch:
         self.block_size = block_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
-        self.row_of: dict[str, int] = {}
+        self.row_of: dict[str, int] = {}  # request id -> row
+        self._row_of_seq: dict[Sequence, int] = {}  # the same rows by sequence (identity-hashed)
         self.seqs: list[Sequence | None] = []
         self._free: list[int] = []
         self._num_blocks: list[int] = []  # block ids written into each row
@@ -102,6 +103,9 @@ class InputBatch:
                 self._release(row)
 
     def _release(self, row: int) -> None:
+        seq = self.seqs[row]
+        if seq is not None:
+            self._row_of_seq.pop(seq, None)
         self.seqs[row] = None
         self._num_blocks[row] = 0
         self.special.discard(row)
@@ -126,6 +130,7 @@ class InputBatch:
             self._release(old)
         row = self._take_row()
         self.row_of[rid] = row
+        self._row_of_seq[seq] = row
         self.seqs[row] = seq
         sp, stopping = seq.request.sampling, seq.request.stopping
         self.temperature[row] = sp.temperature
@@ -160,35 +165,32 @@ class InputBatch:
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Every index array of the step, from the chunks' rows, starts, lengths and new tokens."""
-        row_of, seqs, num_blocks = self.row_of, self.seqs, self._num_blocks
-        rows, starts, lens, ids = [], [], [], []
-        sample_idx: list[int] = []
-        all_single = True
-        for i, c in enumerate(chunks):
-            seq = c.seq
-            row = row_of.get(seq.request.request_id)
-            if row is None or seqs[row] is not seq:
-                row = self.add(seq)
-            table = seq.block_table
-            if len(table) != num_blocks[row]:
-                self._write_blocks(row, table)
-            start, n = c.start, c.num_new_tokens
-            tokens = seq.token_ids
-            rows.append(row)
-            starts.append(start)
-            lens.append(n)
-            if n == 1:
-                ids.append(tokens[start])
-            else:
-                all_single = False
-                ids.extend(tokens[start:start + n])
-            if start + n == len(tokens):
-                sample_idx.append(i)
+        # Column by column (comprehensions and numpy): no per-chunk Python loop on the common path.
+        row_of_seq, num_blocks = self._row_of_seq, self._num_blocks
+        n = len(chunks)
+        seqs = [c.seq for c in chunks]
+        starts = [c.start for c in chunks]
+        lens = [c.num_new_tokens for c in chunks]
+        rows = [row_of_seq.get(seq) for seq in seqs]
+        if None in rows:  # requests joining the batch
+            rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
+        lengths = [len(seq.block_table) for seq in seqs]
+        if lengths != [num_blocks[row] for row in rows]:  # blocks added since the last step
+            for seq, row, length in zip(seqs, rows, lengths):
+                if length != num_blocks[row]:
+                    self._write_blocks(row, seq.block_table)
+        all_single = lens.count(1) == n
+        if all_single:
+            ids = [seq.token_ids[start] for seq, start in zip(seqs, starts)]
+        else:
+            ids = []
+            for seq, start, length in zip(seqs, starts, lens):
+                ids.extend(seq.token_ids[start:start + length])
         bs = self.block_size
         rows_a = np.array(rows, np.int64)
         starts_a = np.array(starts, np.int64)
-        ends = starts_a + np.array(lens, np.int64) if not all_single else starts_a + 1
-        n = len(chunks)
+        ends = starts_a + (1 if all_single else np.array(lens, np.int64))
+        sample_a = np.nonzero(ends == np.array([len(seq.token_ids) for seq in seqs], np.int64))[0]
         max_blocks = int(-(-int(ends.max()) // bs))
         tables = self.block_table[rows_a, :max_blocks]
         cu = np.arange(n + 1, dtype=np.int64) if all_single else np.zeros(n + 1, np.int64)
@@ -201,7 +203,6 @@ class InputBatch:
             token_rows = np.repeat(np.arange(n), q)
             positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1] - starts_a, q)
         slots = tables[token_rows, positions // bs] * bs + positions % bs
-        sample_a = np.array(sample_idx, np.int64)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
@@ -209,7 +210,8 @@ class InputBatch:
             logits_idx=cu[1:][sample_a] - 1,
             query_lens=[1] * n if all_single else lens,
             context_lens_host=ends.tolist(),
-            sample_rows=rows_a[sample_a], sample_ends=ends[sample_a], sample_chunks=[chunks[i] for i in sample_idx])
+            sample_rows=rows_a[sample_a], sample_ends=ends[sample_a],
+            sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()])
 
     def sampling_arrays(self, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Per-row sampling parameters of the sampling chunks, plus the (row, token) pairs of the
