@@ -13,25 +13,7 @@ import threading
 from collections.abc import Callable
 
 from tokenrelay_engines.base import RequestOutput
-
-
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One delta equivalent to `first` followed by `later`."""
-    first.token_ids.extend(later.token_ids)
-    first.text += later.text
-    if later.logprobs is not None:
-        first.logprobs = (first.logprobs or []) + later.logprobs
-    if first.seed is None:
-        first.seed = later.seed
-    if later.finished:
-        first.finished = True
-        first.finish_reason = later.finish_reason
-        first.stop_reason = later.stop_reason
-        first.usage = later.usage
-        first.metrics = later.metrics
-        first.error = later.error
-        first.seed = later.seed if later.seed is not None else first.seed
-    return first
+from tokenrelay_engines.outputs import merge_outputs
 
 
 class OutputSlot:
