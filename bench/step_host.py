@@ -17,7 +17,8 @@ on one thread, exactly as the engine loop does:
     detokenize: the incremental detokenizer's share of update + publish (it moves to the front
                 end with the engine-core process); core = total - detokenize
 
-A consumer that keeps up drains every slot after each step (not timed). Times are the stepping
+After each step the event loop runs the slots' wake-ups and a consumer that keeps up drains
+every slot (neither timed). Times are the stepping
 thread's CPU time (time.thread_time: torch runs with one thread), so other load on a shared box
 does not count. Trees run alternately,
 `--repeats` times; the table shows medians over repeats of each worker's median step, and the
@@ -159,6 +160,7 @@ async def _worker(args: argparse.Namespace) -> dict:
             t3 = time.thread_time()
             engine._publish(touched)
             t4 = time.thread_time()
+            await asyncio.sleep(0)  # the event loop runs the slots' wake-ups (not timed)
             for slot in slots:
                 slot._take()
             full_decode = len(out.chunks) == n and all(c.num_new_tokens == 1 for c in out.chunks)

@@ -28,9 +28,15 @@ class OutputSlot:
         self._event = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
+        if self.put_nowake(output):
+            wake_slots(self._loop, [self])
+
+    def put_nowake(self, output: RequestOutput) -> bool:
+        """Store `output`; True when the caller must wake the slot (`wake_slots`), which lets an
+        engine step wake all its slots with one call into the loop instead of one per request."""
         with self._lock:
             if self._closed:
-                return
+                return False
             if self._pending is None:
                 self._pending = output
             else:
@@ -38,11 +44,7 @@ class OutputSlot:
             self._closed = output.finished
             wake = not self._wake_scheduled
             self._wake_scheduled = True
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is listening any more
+        return wake
 
     def _wake(self) -> None:
         with self._lock:
@@ -64,6 +66,19 @@ class OutputSlot:
             if out is not None:
                 return out
             await self._event.wait()
+
+
+def wake_slots(loop: asyncio.AbstractEventLoop, slots: list[OutputSlot]) -> None:
+    """Wake `slots` (all on `loop`) from any thread with one call_soon_threadsafe."""
+    try:
+        loop.call_soon_threadsafe(_wake_all, slots)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is listening any more
+
+
+def _wake_all(slots: list[OutputSlot]) -> None:
+    for slot in slots:
+        slot._wake()
 
 
 class RequestStream:
