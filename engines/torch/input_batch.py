@@ -73,6 +73,8 @@ class InputBatch:
         self.num_prompt_tokens = np.zeros(0, np.int64)
         # rows whose sampling needs per-step Python work (penalties over their tokens, min_tokens)
         self.special: set[int] = set()
+        # rows that draw (temperature > 0), want logprobs, or are special: none -> all greedy
+        self.nonplain: set[int] = set()
         self._grow_rows(max(1, max_rows))
 
     # ---- rows ------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class InputBatch:
         self.seqs[row] = None
         self._num_blocks[row] = 0
         self.special.discard(row)
+        self.nonplain.discard(row)
         self._free.append(row)
 
     def _take_row(self) -> int:
@@ -146,6 +149,8 @@ class InputBatch:
         if (sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty
                 or stopping.min_tokens > 0):
             self.special.add(row)
+        if row in self.special or sp.temperature != 0 or sp.logprobs is not None:
+            self.nonplain.add(row)
         self._num_blocks[row] = 0
         self._write_blocks(row, seq.block_table)
         return row

@@ -36,17 +36,26 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.fl
 
 
 class _HostPack:
-    """Arrays appended on the host, shipped to the device as one buffer, then viewed back."""
+    """Arrays appended on the host, shipped to the device as one buffer, then viewed back.
+
+    On CPU there is no copy to make: each array is wrapped as a tensor in place (torch.from_numpy;
+    every array of a step is freshly built, so nothing aliases the persistent rows).
+    """
 
     _ALIGN = 8
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._direct: list[torch.Tensor] | None = [] if device.type == "cpu" else None
         self._parts: list[np.ndarray] = []
         self._layout: list[tuple[int, int, np.dtype, tuple[int, ...]]] = []
         self._nbytes = 0
 
     def add(self, values: np.ndarray) -> int:
         arr = np.ascontiguousarray(values)
+        if self._direct is not None:
+            self._direct.append(torch.from_numpy(arr))
+            return len(self._direct) - 1
         pad = (-self._nbytes) % self._ALIGN
         if pad:
             self._parts.append(np.zeros(pad, dtype=np.uint8))
@@ -56,11 +65,13 @@ class _HostPack:
         self._nbytes += arr.nbytes
         return len(self._layout) - 1
 
-    def to(self, device: torch.device) -> list[torch.Tensor]:
+    def to_device(self) -> list[torch.Tensor]:
+        if self._direct is not None:
+            return self._direct
         host = torch.from_numpy(np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint8))
-        if device.type == "cuda":
+        if self._device.type == "cuda":
             host = host.pin_memory()
-        buf = host.to(device, non_blocking=True)
+        buf = host.to(self._device, non_blocking=True)
         out = []
         for offset, nbytes, dtype, shape in self._layout:
             out.append(buf[offset:offset + nbytes].view(_TORCH_DTYPES[dtype]).view(shape))
@@ -115,12 +126,12 @@ class ModelRunner:
         if not chunks:
             return RunnerOutput()
         step = self.input_batch.prepare(chunks)
-        pack = _HostPack()
+        pack = _HostPack(self.device)
         idx = {name: pack.add(getattr(step, name)) for name in (
             "input_ids", "positions", "slots", "tables", "context_lens", "cu_seqlens_q", "decode_idx", "logits_idx")}
         sampling = self.input_batch.sampling_arrays(step) if step.sample_chunks else None
         sidx = {name: pack.add(arr) for name, arr in sampling.items()} if sampling is not None else None
-        dev = pack.to(self.device)  # the step's single host -> device copy
+        dev = pack.to_device()  # the step's single host -> device copy (none on CPU)
         meta = AttentionMetadata(
             positions=dev[idx["positions"]], slot_mapping=dev[idx["slots"]], block_tables=dev[idx["tables"]],
             context_lens=dev[idx["context_lens"]], cu_seqlens_q=dev[idx["cu_seqlens_q"]],
@@ -140,27 +151,31 @@ class ModelRunner:
     def _sampling_batch(self, step: StepInputs, sampling: dict[str, np.ndarray], dev: list[torch.Tensor],
                         sidx: dict[str, int]) -> SamplingBatch:
         """Branch flags from the host arrays (no device sync); seeds only when a row draws."""
-        temp, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
-        drawn = temp != 0
-        all_greedy = not drawn.any()
-        wanted = sampling["logprobs"]
-        max_logprobs = int(wanted.max()) if len(wanted) else -1
+        temp = sampling["temperature"]
+        if not self.input_batch.nonplain:  # every row greedy, no penalties, no logprobs
+            flags = dict(step_seeds=[0] * len(temp), all_greedy=True, any_top_k_top_p=False, any_min_p=False,
+                         any_repetition=False, any_presence_frequency=False, max_logprobs=-1)
+        else:
+            drawn = temp != 0
+            all_greedy = not drawn.any()
+            wanted = sampling["logprobs"]
+            max_logprobs = int(wanted.max()) if len(wanted) else -1
+            flags = dict(
+                step_seeds=[0] * len(temp) if all_greedy else self.input_batch.step_seeds(step),
+                all_greedy=bool(all_greedy),
+                any_top_k_top_p=bool((drawn & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1))).any()),
+                any_min_p=bool((drawn & (sampling["min_p"] > 0)).any()),
+                any_repetition=bool((sampling["repetition_penalty"] != 1.0).any()),
+                any_presence_frequency=bool(((sampling["presence_penalty"] != 0)
+                                             | (sampling["frequency_penalty"] != 0)).any()),
+                max_logprobs=min(max_logprobs, self.model_config.vocab_size) if max_logprobs >= 0 else -1)
         return SamplingBatch(
             temperature=dev[sidx["temperature"]], top_k=dev[sidx["top_k"]], top_p=dev[sidx["top_p"]],
             min_p=dev[sidx["min_p"]], repetition_penalty=dev[sidx["repetition_penalty"]],
             presence_penalty=dev[sidx["presence_penalty"]], frequency_penalty=dev[sidx["frequency_penalty"]],
             seen_rows=dev[sidx["seen_rows"]], seen_tokens=dev[sidx["seen_tokens"]],
             output_rows=dev[sidx["out_rows"]], output_tokens=dev[sidx["out_tokens"]],
-            banned_rows=dev[sidx["ban_rows"]], banned_tokens=dev[sidx["ban_tokens"]],
-            step_seeds=[0] * len(temp) if all_greedy else self.input_batch.step_seeds(step),
-            all_greedy=bool(all_greedy),
-            any_top_k_top_p=bool((drawn & ((top_k > 0) | (top_p < 1))).any()),
-            any_min_p=bool((drawn & (sampling["min_p"] > 0)).any()),
-            any_repetition=bool((sampling["repetition_penalty"] != 1.0).any()),
-            any_presence_frequency=bool(((sampling["presence_penalty"] != 0)
-                                         | (sampling["frequency_penalty"] != 0)).any()),
-            max_logprobs=min(max_logprobs, self.model_config.vocab_size) if max_logprobs >= 0 else -1,
-        )
+            banned_rows=dev[sidx["ban_rows"]], banned_tokens=dev[sidx["ban_tokens"]], **flags)
 
     def _collect(self, step: StepInputs, wanted: np.ndarray, token_ids: torch.Tensor, chosen: torch.Tensor | None,
                  top_ids: torch.Tensor | None, top_vals: torch.Tensor | None) -> RunnerOutput:
