@@ -152,7 +152,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = self._schedule()
-        out.finished_req_ids, self._left = self._left, []
+        if out.chunks:  # an empty step is not run: the ids wait for the next one that is
+            out.finished_req_ids, self._left = self._left, []
         return out
 
     def _schedule(self) -> SchedulerOutput:

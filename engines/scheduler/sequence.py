@@ -96,7 +96,7 @@ class SchedulerOutput:
     # Finished while scheduling (LENGTH: too long for the whole KV pool); not in `chunks`.
     finished: list[Sequence] = field(default_factory=list)
     # Requests that left the running batch (finished, aborted or preempted) since the last
-    # schedule(): the runner drops their persistent rows before preparing this step.
+    # non-empty step: the runner drops their persistent rows before preparing this step.
     finished_req_ids: list[str] = field(default_factory=list)
 
     @property
