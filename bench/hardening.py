@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,16 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc, text_generation_pb2_grpc
 from tokenrelay.v1 import text_generation_pb2 as tg
-from trees import server_module, tree_python
+from trees import tree_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class Server:
     def __init__(self, tree: Path, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([tree_python(tree), "-m", server_module(tree, "main"), "--host", "127.0.0.1",
-                                      "--port", "0", *args], cwd=tree, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay_server.main", "--host", "127.0.0.1",
+                                      "--port", "0", *args], cwd=tree, env=tree_env(tree), stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
@@ -50,7 +49,7 @@ class Server:
 
 
 def supports(tree: Path, flag: str) -> bool:
-    out = subprocess.run([tree_python(tree), "-m", server_module(tree, "main"), "--help"], cwd=tree,
+    out = subprocess.run([sys.executable, "-m", "tokenrelay_server.main", "--help"], cwd=tree, env=tree_env(tree),
                          capture_output=True, text=True, timeout=120).stdout
     return flag in out
 

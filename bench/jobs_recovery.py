@@ -4,9 +4,9 @@ Redis outage, and what the stores write per persisted delta of a job with a big 
 
     python bench/jobs_recovery.py --tree /path/to/old/checkout --tree . --repeat 3
 
-Each tree's servers run as `-m tokenrelay_server.main` processes under that tree's Python
-(bench/trees.py); the store measurement runs in a child process under it too, and imports
-`tokenrelay_server`, so it needs a tree from after the package rename. Needs redis-server.
+Each tree's servers run as `python -m tokenrelay_server.main` processes importing that tree
+(bench/trees.py `tree_env`); the store measurement runs in a child process the same way. Trees from
+after the package rename (tokenrelay_server). Needs redis-server.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE.parent))
 
-from trees import server_module, tree_python  # noqa: E402
+from trees import tree_env  # noqa: E402
 
 LEASE = 3.0
 
 
-def _server(tree: Path) -> dict[str, str]:
-    """spawn_replica's keywords that run `tree`'s server."""
-    return {"python": tree_python(tree), "module": server_module(tree, "main")}
 
 
 async def dead_replica(tree: Path, work: Path) -> dict:
@@ -47,14 +44,14 @@ async def dead_replica(tree: Path, work: Path) -> dict:
     replicas = []
     try:
         ids = json.loads(subprocess.run(
-            [tree_python(tree), str(HERE), "--queue", redis.url, "--n", "8", "--max-tokens", "600"],
-            check=True, capture_output=True, text=True).stdout)
+            [sys.executable, str(HERE), "--queue", redis.url, "--n", "8", "--max-tokens", "600"],
+            env=tree_env(tree), check=True, capture_output=True, text=True).stdout)
         common = ("--jobs-max-running", "8", "--jobs-lease-seconds", str(LEASE))
-        a = await spawn_replica(redis.url, work / "a", "--replica-id", "a", *common, itl_ms=25.0, **_server(tree))
+        a = await spawn_replica(redis.url, work / "a", "--replica-id", "a", *common, itl_ms=25.0, env=tree_env(tree))
         replicas.append(a)
         await wait_running_with_tokens(a.stub, ids, 60)
         b = await spawn_replica(redis.url, work / "b", "--replica-id", "b", *common, "--jobs-poll-seconds", "0.5",
-                                itl_ms=1.0, **_server(tree))
+                                itl_ms=1.0, env=tree_env(tree))
         replicas.append(b)
         await a.kill()
         t0 = time.monotonic()
@@ -82,7 +79,7 @@ async def outage(tree: Path, work: Path) -> dict:
         for name in ("a", "b"):
             replicas.append(await spawn_replica(redis.url, work / name, "--replica-id", name, "--jobs-max-running",
                                                 "8", "--jobs-lease-seconds", str(LEASE), itl_ms=10.0,
-                                                **_server(tree)))
+                                                env=tree_env(tree)))
         a, b = replicas
         ids = [(await (a if i % 2 else b).stub.SubmitJob(submit_request(300, prompt=f"doc {i}"))).job.job_id
                for i in range(16)]
@@ -160,8 +157,9 @@ async def measure_stores(tree: Path, work: Path, params_bytes: int, n: int) -> d
     redis = RedisProcess(work / "redis")
     await redis.start()
     try:
-        res = subprocess.run([tree_python(tree), str(HERE), "--store-writes", redis.url, "--params-bytes",
-                              str(params_bytes), "--n", str(n)], check=True, capture_output=True, text=True)
+        res = subprocess.run([sys.executable, str(HERE), "--store-writes", redis.url, "--params-bytes",
+                              str(params_bytes), "--n", str(n)], env=tree_env(tree), check=True, capture_output=True,
+                             text=True)
         return json.loads(res.stdout)
     finally:
         await redis.kill()

@@ -1,37 +1,52 @@
-"""Run a server from any source tree, for before/after benchmarks.
+"""Run a benchmark worker against any checkout of this repo, for side-by-side before/after runs.
 
-Since the rename, the server imports as `tokenrelay_server` through its editable install, so a
-tree cannot be picked by PYTHONPATH alone. `tree_python(tree)` is this interpreter for this
-checkout, and for any other tree a cached virtualenv that sees this Python's packages and has
-that tree (and its client) installed editable, without dependencies. `server_module(tree, name)`
-is the module to run with `-m` there: `tokenrelay_server.<name>`, or `server.<name>` for trees
-from before the rename.
+The server's import packages are `tokenrelay_server` (folder `server/`) and `tokenrelay_engines`
+(folder `engines/`), mapped by the editable install of ONE tree. To import another tree (say an
+unpacked `git archive` of main), `tree_env(tree)` builds a folder of two symlinks named after the
+packages and puts it (and the tree's client) first on PYTHONPATH; path entries are searched before
+the editable finder, so the subprocess imports that tree.
+
+    git archive main | tar -x -C /tmp/before
+    python bench/step_host.py --tree before=/tmp/before --tree after=.
 """
 
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
+import os
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def tree_python(tree: Path) -> str:
-    tree = tree.resolve()
-    if tree == ROOT:
-        return sys.executable
-    venv = Path(tempfile.gettempdir()) / "tokenrelay-trees" / hashlib.sha1(str(tree).encode()).hexdigest()[:12]
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(tree),
-                        "-e", str(tree / "client")], check=True)
-    return str(python)
+def tree_env(tree: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment whose Python imports tokenrelay_server / tokenrelay_engines / tokenrelay from `tree`."""
+    tree = Path(tree).resolve()
+    shim = Path(tempfile.gettempdir()) / ("tokenrelay-tree-" + hashlib.sha1(str(tree).encode()).hexdigest()[:12])
+    shim.mkdir(exist_ok=True)
+    for name, folder in (("tokenrelay_server", "server"), ("tokenrelay_engines", "engines")):
+        link = shim / name
+        if not link.is_symlink() or Path(os.readlink(link)) != tree / folder:
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(tree / folder, target_is_directory=True)
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(tree / "client")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
-def server_module(tree: Path, name: str) -> str:
-    renamed = "tokenrelay_server" in (tree / "pyproject.toml").read_text()
-    return f"{'tokenrelay_server' if renamed else 'server'}.{name}"
+def parse_trees(specs: list[str] | None) -> list[tuple[str, Path]]:
+    """`--tree name=path` values (default: this checkout as 'this')."""
+    if not specs:
+        return [("this", ROOT)]
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name or "tree", spec
+        if not (Path(path) / "engines").is_dir():
+            raise SystemExit(f"--tree {spec}: {path} is not a tokenrelay checkout")
+        out.append((name, Path(path).resolve()))
+    return out

@@ -27,6 +27,7 @@ from tokenrelay_engines.base import (
     EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
     RequestOutput, TokenLogprob, Usage,
 )
+from tokenrelay_engines.outputs import merge_outputs
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPECIAL_TEXT = {PAD_ID: "<pad>", BOS_ID: "<s>", EOS_ID: "</s>", UNK_ID: "<unk>"}
@@ -130,7 +131,10 @@ class _OutputStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        out = await self._slot.outputs.get()
+        queue = self._slot.outputs
+        out = await queue.get()
+        while not out.finished and not queue.empty():  # everything that arrived meanwhile, as one delta
+            out = merge_outputs(out, queue.get_nowait())
         self._done = out.finished
         return out
 

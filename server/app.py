@@ -197,9 +197,14 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ), server)
-    port = security.add_serving_port(server, _bind_address(config.host, config.port))
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    try:
+        port = security.add_serving_port(server, _bind_address(config.host, config.port))
+        if port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+    except BaseException:
+        if jobs is not None:
+            await jobs.stop()  # the store and its watch task, opened above
+        raise
     try:
         await security.start_health_port(state.servicer, config.host)
         telemetry.start(config.host, engine)

@@ -41,6 +41,9 @@ class GrpcServerOptions:
     max_send_message_bytes: int = 64 << 20
     max_metadata_bytes: int = 16 << 10  # all request headers together
     min_client_ping_interval_s: float = 10.0  # clients may send keepalive pings this often
+    # Let several processes bind the same port (the kernel spreads connections over them). Off by
+    # default: on, a second server started by mistake on a busy port would silently share it.
+    so_reuseport: bool = False
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
@@ -64,7 +67,7 @@ class GrpcServerOptions:
             ("grpc.max_receive_message_length", self.max_receive_message_bytes),
             ("grpc.max_send_message_length", self.max_send_message_bytes),
             ("grpc.max_metadata_size", self.max_metadata_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.so_reuseport)),
         ]
         if self.max_connection_idle_s:
             options.append(("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s)))
@@ -94,6 +97,7 @@ class ServerConfig:
     jobs: JobsConfig | None = None  # durable jobs; None: the Jobs API answers UNIMPLEMENTED
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, auth, tenants, health port
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # metrics, traces, logs
+    uvloop: bool = True  # run the event loop on uvloop when it is installed
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

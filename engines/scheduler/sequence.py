@@ -95,6 +95,9 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     # Finished while scheduling (LENGTH: too long for the whole KV pool); not in `chunks`.
     finished: list[Sequence] = field(default_factory=list)
+    # Requests that left the running batch (finished, aborted or preempted) since the last
+    # non-empty step: the runner drops their persistent rows before preparing this step.
+    finished_req_ids: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

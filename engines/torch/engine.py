@@ -30,7 +30,7 @@ from tokenrelay_engines.detokenizer import IncrementalDetokenizer
 from tokenrelay_engines.scheduler.block_manager import BlockManager
 from tokenrelay_engines.scheduler.scheduler import Scheduler
 from tokenrelay_engines.scheduler.sequence import Sequence, SequenceStatus
-from tokenrelay_engines.torch.streams import OutputSlot, RequestStream, Throughput
+from tokenrelay_engines.torch.streams import OutputSlot, RequestStream, Throughput, wake_slots
 
 if TYPE_CHECKING:
     from tokenrelay_engines.torch.runner import ModelRunner
@@ -252,26 +252,30 @@ class TorchEngine:
         if not seqs:
             return
         self._refresh_stats()
+        to_wake: list[OutputSlot] = []
         for seq in seqs:
             tracked = self._tracked.get(seq.request_id)
             if tracked is None or tracked.seq is not seq:
                 continue
             output = self._delta(tracked)
-            if output is not None:
-                tracked.slot.put(output)
+            if output is not None and tracked.slot.put_nowake(output):
+                to_wake.append(tracked.slot)
             if seq.is_finished:
                 del self._tracked[seq.request_id]
+        if to_wake:
+            assert self._loop is not None
+            wake_slots(self._loop, to_wake)  # one call into the event loop per step, not one per request
 
     def _delta(self, tracked: _Tracked) -> RequestOutput | None:
         seq = tracked.seq
-        new_ids = seq.output_token_ids[tracked.num_sent_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + tracked.num_sent_tokens:]  # only the new ones
         finished = seq.is_finished
         if not new_ids and not finished:
             return None
         detok = tracked.detokenizer
         if finished and seq.finish_reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
             detok.finish()
-        out = RequestOutput(seq.request_id, token_ids=list(new_ids), text=detok.take_text())
+        out = RequestOutput(seq.request_id, token_ids=new_ids, text=detok.take_text())
         if seq.request.sampling.logprobs is not None:
             out.logprobs = list(seq.output_logprobs[tracked.num_sent_tokens:])
         tracked.num_sent_tokens += len(new_ids)

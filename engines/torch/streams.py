@@ -13,25 +13,7 @@ import threading
 from collections.abc import Callable
 
 from tokenrelay_engines.base import RequestOutput
-
-
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One delta equivalent to `first` followed by `later`."""
-    first.token_ids.extend(later.token_ids)
-    first.text += later.text
-    if later.logprobs is not None:
-        first.logprobs = (first.logprobs or []) + later.logprobs
-    if first.seed is None:
-        first.seed = later.seed
-    if later.finished:
-        first.finished = True
-        first.finish_reason = later.finish_reason
-        first.stop_reason = later.stop_reason
-        first.usage = later.usage
-        first.metrics = later.metrics
-        first.error = later.error
-        first.seed = later.seed if later.seed is not None else first.seed
-    return first
+from tokenrelay_engines.outputs import merge_outputs
 
 
 class OutputSlot:
@@ -46,9 +28,15 @@ class OutputSlot:
         self._event = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
+        if self.put_nowake(output):
+            wake_slots(self._loop, [self])
+
+    def put_nowake(self, output: RequestOutput) -> bool:
+        """Store `output`; True when the caller must wake the slot (`wake_slots`), which lets an
+        engine step wake all its slots with one call into the loop instead of one per request."""
         with self._lock:
             if self._closed:
-                return
+                return False
             if self._pending is None:
                 self._pending = output
             else:
@@ -56,11 +44,7 @@ class OutputSlot:
             self._closed = output.finished
             wake = not self._wake_scheduled
             self._wake_scheduled = True
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is listening any more
+        return wake
 
     def _wake(self) -> None:
         with self._lock:
@@ -82,6 +66,19 @@ class OutputSlot:
             if out is not None:
                 return out
             await self._event.wait()
+
+
+def wake_slots(loop: asyncio.AbstractEventLoop, slots: list[OutputSlot]) -> None:
+    """Wake `slots` (all on `loop`) from any thread with one call_soon_threadsafe."""
+    try:
+        loop.call_soon_threadsafe(_wake_all, slots)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is listening any more
+
+
+def _wake_all(slots: list[OutputSlot]) -> None:
+    for slot in slots:
+        slot._wake()
 
 
 class RequestStream:

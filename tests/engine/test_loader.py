@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tokenrelay_engines.base import InvalidRequest, SamplingParams
+from tokenrelay_engines.base import SamplingParams
 from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
 from tokenrelay_engines.torch.kv_cache import bytes_per_block, size_num_blocks
 from tokenrelay_engines.torch.loader import byte_level_tokenizer, resolve_dtype
@@ -92,24 +92,6 @@ def test_bad_model_directories_fail_clearly(tiny_models, tmp_path) -> None:
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="shape"):
         ModelRunner(runner_config(wrong))
-
-
-def test_execute_rejects_inconsistent_chunks(tiny_models) -> None:
-    from tokenrelay_engines.scheduler.sequence import ScheduledChunk, SchedulerOutput
-
-    runner = ModelRunner(runner_config(tiny_models.path("llama"), num_blocks=8))
-    seq = make_seq("x", [1, 2, 3, 4, 5])
-    seq.block_table = [0]  # 4 tokens of room for 5
-    with pytest.raises(ValueError, match="block table"):
-        runner.execute(SchedulerOutput(chunks=[ScheduledChunk(seq, 0, 5)]))
-    seq.block_table = [0, 99]
-    with pytest.raises(ValueError, match="pool"):
-        runner.execute(SchedulerOutput(chunks=[ScheduledChunk(seq, 0, 5)]))
-    assert runner.execute(SchedulerOutput()).token_ids == {}
-    bad = make_seq("y", [1, 2, 10_000])
-    bad.block_table = [0]
-    with pytest.raises(InvalidRequest, match="token ids"):
-        runner.execute(SchedulerOutput(chunks=[ScheduledChunk(bad, 0, 3)]))
 
 
 def test_attention_backend_slots_in(tiny_models) -> None:

@@ -97,17 +97,17 @@ class Replica:
 
 
 async def spawn_replica(store_url: str, workdir: Path, *extra: str, itl_ms: float = 10.0,
-                        python: str = sys.executable, module: str = "tokenrelay_server.main") -> Replica:
+                        env: dict[str, str] | None = None) -> Replica:
     """`python -m tokenrelay_server.main` (synthetic engine) on an ephemeral port; stderr goes to a log file.
-    `python` / `module` run another source tree's server (bench/trees.py)."""
+    `env` runs another source tree's server (bench/trees.py `tree_env`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"replica-{time.monotonic_ns()}.log"
     with open(log, "wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            python, "-m", module, "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
             "--synthetic-ttft-ms", "2", "--synthetic-itl-ms", str(itl_ms), "--log-level", "WARNING",
             "--health-check-interval-seconds", "0.5", "--jobs-store", store_url, "--jobs-poll-seconds", "0.05",
-            *extra, cwd=str(workdir),
+            *extra, cwd=str(workdir), env=env,
             stdout=asyncio.subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     try:

@@ -139,6 +139,7 @@ def test_preemption_picks_lowest_priority_then_youngest_and_it_completes() -> No
     assert {ch.seq.request_id for ch in out.chunks} == {"a", "b", "c"}
     out, _ = step(sched)  # each now holds 9 tokens: needs a third block
     assert [p.request_id for p in out.preempted] == ["c"]
+    assert out.finished_req_ids == ["c"]  # the runner drops c's row before this step
     assert c.status is SequenceStatus.WAITING and c.num_computed_tokens == 0 and c.block_table == []
     kept = list(c.output_token_ids)
     assert kept == [FILLER]  # output tokens survive preemption
@@ -357,10 +358,16 @@ def test_random_workload_never_leaks_or_overruns(ops, num_blocks, block_size, bu
                            max_num_seqs=max_num_seqs, max_model_len=24, prefix_caching=prefix_caching)
     seqs: list[Sequence] = []
     finished_ids: set[int] = set()
+    rows: dict[str, tuple[int, int]] = {}  # the runner's persistent rows: request id -> incarnation
 
     def one_step(eos_every: int) -> None:
         out = sched.schedule()
         check_step(sched, out)
+        for rid in out.finished_req_ids:
+            rows.pop(rid, None)
+        for c in out.chunks:  # a row is reused only by the same sequence, never across a preemption
+            incarnation = (id(c.seq), c.seq.num_preemptions)
+            assert rows.setdefault(c.seq.request_id, incarnation) == incarnation
         assert not any(id(c.seq) in finished_ids for c in out.chunks)
         tok = (lambda s: EOS if eos_every and s.num_output_tokens % (eos_every + 1) == eos_every else FILLER)
         for s in sched.update(out, runner_output(out, tok)) + out.finished:
