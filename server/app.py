@@ -42,6 +42,10 @@ def build_engine(config: ServerConfig) -> AsyncEngine:
         from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
         return TrtllmEngine(config.trtllm)
+    if config.engine_process:
+        from tokenrelay_engines.core.client import EngineCoreClient
+
+        return EngineCoreClient(config.torch, address=config.engine_core_address)
     from tokenrelay_engines.torch.engine import TorchEngine
 
     return TorchEngine(config.torch)

@@ -92,6 +92,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", str, "0.0.0.0", "address to listen on")
     add("--port", int, 50051, "port to listen on; 0 picks an ephemeral port")
     add("--engine", str, "torch", "engine implementation", choices=ENGINES)
+    add("--engine-process", str, "off", "torch engine: on runs the engine core (scheduler, KV blocks, runner) in "
+        "its own process, fed by this front end over a local socket; off runs it on a thread in this process",
+        choices=("on", "off"))
+    add("--api-server-count", int, 1, "front-end (gRPC server) processes sharing the port over one engine core; "
+        "> 1 needs --engine-process on; jobs run in the first front end only")
     add("--max-pending-requests", int, 256, "interactive requests in flight before RESOURCE_EXHAUSTED")
     add("--max-pending-prompt-tokens", int, 1 << 20, "their total prompt tokens before RESOURCE_EXHAUSTED")
     add("--retry-after-ms", int, 200, "RetryInfo delay suggested when admission is full")
@@ -197,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_pending_prompt_tokens=args.max_pending_prompt_tokens,
                                 retry_after_ms=args.retry_after_ms)
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
+                        engine_process=args.engine_process == "on", api_server_count=args.api_server_count,
                         synthetic=synthetic, trtllm=trtllm, admission=admission,
                         drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,

@@ -107,13 +107,14 @@ class EngineCore:
         update = RequestUpdate(seq.request_id, new_ids)
         if held.want_logprobs:
             update.logprobs = [(lp.token_id, lp.logprob, list(lp.top)) for lp in seq.output_logprobs[start:]]
+        if start == 0 or finished:  # the first delta and the last carry the timings
+            update.num_cached_tokens = seq.num_cached_tokens
+            update.first_scheduled_time = seq.first_scheduled_time
+            update.first_token_time = seq.first_token_time
         if finished:
             update.finish_reason = seq.finish_reason
             if seq.finish_reason is FinishReason.STOP and isinstance(seq.stop_reason, int):
                 update.stop_token_id = seq.stop_reason
-            update.num_cached_tokens = seq.num_cached_tokens
-            update.first_scheduled_time = seq.first_scheduled_time
-            update.first_token_time = seq.first_token_time
         return update
 
     # ---- state ---------------------------------------------------------------------------

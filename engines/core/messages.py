@@ -53,9 +53,10 @@ class RequestUpdate(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None  # with STOP: the stop token id that ended it
+    # timings and prefix-cache hits: on a request's first delta and on its final one
     num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None  # on the final update
-    first_token_time: float | None = None  # on the final update
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):

@@ -35,7 +35,9 @@ class _RequestState:
     arrival_time: float
     num_output_tokens: int = 0
     sent_first: bool = False
-    first_token_time: float | None = None  # when the front end got the first token
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 def core_request(request: Request, core_id: str) -> Request:
@@ -117,7 +119,12 @@ class OutputProcessor:
         if accepted < len(ids):
             ids = ids[:accepted]
         state.num_output_tokens += accepted
-        if accepted and state.first_token_time is None:
+        if update.first_scheduled_time is not None:
+            state.first_scheduled_time = update.first_scheduled_time
+            state.num_cached_tokens = update.num_cached_tokens
+        if update.first_token_time is not None:
+            state.first_token_time = update.first_token_time
+        elif accepted and state.first_token_time is None:
             state.first_token_time = now
         finished = reason is not None
         if finished and reason not in (FinishReason.CANCELLED, FinishReason.ERROR):
@@ -135,9 +142,8 @@ class OutputProcessor:
             out.finished = True
             out.finish_reason = reason
             out.stop_reason = stop_reason
-            out.usage = Usage(state.num_prompt_tokens, state.num_output_tokens, update.num_cached_tokens)
-            out.metrics = RequestMetrics(state.arrival_time, update.first_scheduled_time,
-                                         update.first_token_time, now)
+            out.usage = Usage(state.num_prompt_tokens, state.num_output_tokens, state.num_cached_tokens)
+            out.metrics = RequestMetrics(state.arrival_time, state.first_scheduled_time, state.first_token_time, now)
         return out
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
@@ -147,5 +153,5 @@ class OutputProcessor:
             state.slot.put(RequestOutput(
                 state.request_id, finished=True, finish_reason=reason, seed=state.seed, error=error,
                 usage=Usage(state.num_prompt_tokens, state.num_output_tokens),
-                metrics=RequestMetrics(state.arrival_time, None, state.first_token_time, now)))
+                metrics=RequestMetrics(state.arrival_time, state.first_scheduled_time, state.first_token_time, now)))
         self._states.clear()
