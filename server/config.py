@@ -81,7 +81,7 @@ class ServerConfig:
     engine: str = "torch"
     # torch engine: the engine core (scheduler, block manager, runner) runs in its own process
     # (engines/core/process.py) and this process is its front end; False: on a thread in this process
-    engine_process: bool = False
+    engine_process: bool = True
     engine_core_address: str = ""  # a running engine core's Unix socket (front ends of --api-server-count)
     api_server_count: int = 1  # front-end processes on one port over one engine core (server/supervisor.py)
     torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)

@@ -92,8 +92,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", str, "0.0.0.0", "address to listen on")
     add("--port", int, 50051, "port to listen on; 0 picks an ephemeral port")
     add("--engine", str, "torch", "engine implementation", choices=ENGINES)
-    add("--engine-process", str, "off", "torch engine: on runs the engine core (scheduler, KV blocks, runner) in "
-        "its own process, fed by this front end over a local socket; off runs it on a thread in this process",
+    add("--engine-process", str, "on", "torch engine: on (default) runs the engine core (scheduler, KV blocks, runner) in "
+        "its own process, fed by this front end over a local socket; off runs it on a thread in this process (debugging, tests)",
         choices=("on", "off"))
     add("--api-server-count", int, 1, "front-end (gRPC server) processes sharing the port over one engine core; "
         "> 1 needs --engine-process on; jobs run in the first front end only")
