@@ -302,8 +302,15 @@ async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: async
 
 
 def run(config: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain)."""
+    """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain).
+
+    With --api-server-count N > 1 this process supervises N front ends and one engine core.
+    """
     configure_logging(config.log_level, config.telemetry.log_format)
+    if config.api_server_count > 1:
+        from tokenrelay_server.supervisor import run_supervised
+
+        return run_supervised(config)
     return asyncio.run(serve(config))
 
 

@@ -182,7 +182,7 @@ class CoreServer:
         return 0
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """SIGTERM this process when the process that spawned it exits (Linux)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--listen-fd", type=int, help="a listening Unix socket front ends connect to")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s engine-core %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop (Ctrl-C hits the group)
     config = msgspec.json.decode(args.config_json, type=TorchEngineConfig)

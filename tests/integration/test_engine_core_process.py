@@ -136,3 +136,58 @@ async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once
     finally:
         second.send_signal(signal.SIGTERM)
         await asyncio.wait_for(second.wait(), 60)
+
+
+def socket_fds(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the front ends")
+async def test_two_front_ends_share_one_port_over_one_engine_core(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenrelay_server.main", "--engine", "torch", "--engine-process", "on",
+        "--api-server-count", "2", "--load-format", "dummy", "--dummy-shape", "tiny", "--device", "cpu",
+        "--num-threads", "1", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING",
+        "--jobs-store", f"sqlite://{tmp_path}/jobs.db",
+        cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        addresses = set()
+        for _ in range(2):  # each front end reports the one shared port
+            line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)).decode()
+            assert line.startswith("tokenrelay listening on "), line
+            addresses.add(line.rsplit(" ", 1)[1].strip())
+        (address,) = addresses
+        children = [pid for pid in child_pids(proc.pid)  # not multiprocessing's resource tracker
+                    if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(children) == 3  # the engine core and two front ends
+        before = {pid: socket_fds(pid) for pid in children}
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(16)]
+        try:
+            texts = []
+            for ch in channels:  # a new TCP connection each: the kernel spreads them
+                stub = text_generation_pb2_grpc.TextGenerationServiceStub(ch)
+                reply = await stub.Generate(tg.GenerateRequest(params=params(8)), timeout=60)
+                texts.append(reply.result.text)
+            assert len(set(texts)) == 1  # greedy: the same answer from either front end
+            grown = [pid for pid in children if socket_fds(pid) > before[pid]]
+            assert len(grown) == 2, (before, {pid: socket_fds(pid) for pid in children})  # both took connections
+        finally:
+            for ch in channels:
+                await ch.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+                   for pid in children)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
