@@ -95,7 +95,6 @@ class TorchEngine:
         return self._core.model_info
 
     def stats(self) -> EngineStats:
-        assert self._processor is not None or self._core is None
         if self._processor is None:
             return self._stats
         return dataclasses.replace(self._stats, tokens_per_second=self._processor.throughput.rate(time.monotonic()))
