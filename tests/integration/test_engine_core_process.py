@@ -90,6 +90,9 @@ async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once
             await asyncio.wait_for(job_running(), 60)
             assert not unary.done()
 
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))  # liveness, streamed
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
             (core_pid,) = child_pids(proc.pid)
             os.kill(core_pid, signal.SIGKILL)
             killed_at = time.monotonic()
@@ -109,8 +112,12 @@ async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once
 
             waits = await asyncio.wait_for(asyncio.gather(*(fails(c) for c in streams), unary_fails()), 10)
             assert max(waits) < 1.0, waits
-            live = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert live.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            async def not_serving() -> float:
+                while (await watch.read()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                    pass
+                return time.monotonic() - killed_at
+            assert await asyncio.wait_for(not_serving(), 10) < 1.0  # before the server stops
         assert await asyncio.wait_for(proc.wait(), 30) == EXIT_ENGINE_DEAD
     finally:
         if proc.returncode is None:
