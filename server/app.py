@@ -42,6 +42,10 @@ def build_engine(config: ServerConfig) -> AsyncEngine:
         from tokenrelay_engines.trtllm.engine import TrtllmEngine
 
         return TrtllmEngine(config.trtllm)
+    if config.engine_process:
+        from tokenrelay_engines.core.client import EngineCoreClient
+
+        return EngineCoreClient(config.torch, address=config.engine_core_address)
     from tokenrelay_engines.torch.engine import TorchEngine
 
     return TorchEngine(config.torch)
@@ -180,8 +184,11 @@ async def start_server(config: ServerConfig, engine: AsyncEngine | None = None, 
     security = Security(config.security, retry_after_ms=config.admission.retry_after_ms)
     telemetry = Telemetry(config.telemetry)
     engine = telemetry.instrument_engine(engine)  # the engine itself unless metrics or tracing is on
+    options = config.grpc.channel_options()
+    if config.engine_core_address:  # one of --api-server-count front ends: share the port
+        options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
     server = grpc.aio.server(interceptors=telemetry.interceptors() + security.interceptors() or None,
-                             options=config.grpc.channel_options())
+                             options=options)
     text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(
         TextGenerationServiceServicer(engine, state, admission, config.limits), server)
     jobs = _jobs_component(engine, config, state, telemetry)

@@ -82,6 +82,11 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0: an ephemeral port
     engine: str = "torch"
+    # torch engine: the engine core (scheduler, block manager, runner) runs in its own process
+    # (engines/core/process.py) and this process is its front end; False: on a thread in this process
+    engine_process: bool = True
+    engine_core_address: str = ""  # a running engine core's Unix socket (front ends of --api-server-count)
+    api_server_count: int = 1  # front-end processes on one port over one engine core (server/supervisor.py)
     torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)
     synthetic: SyntheticEngineConfig = field(default_factory=SyntheticEngineConfig)
     trtllm: TrtllmEngineConfig = field(default_factory=TrtllmEngineConfig)
@@ -110,5 +115,9 @@ class ServerConfig:
             raise ValueError("health_check_interval_seconds must be > 0")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"unknown log level {self.log_level!r}")
+        if self.api_server_count < 1:
+            raise ValueError("api_server_count must be >= 1")
+        if self.api_server_count > 1 and not (self.engine == "torch" and self.engine_process):
+            raise ValueError("--api-server-count > 1 needs --engine torch with --engine-process on")
         if self.engine_death_grace_seconds < 0:
             raise ValueError("engine_death_grace_seconds must be >= 0")

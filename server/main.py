@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NoReturn
 
 from tokenrelay_engines.base import AsyncEngine
@@ -92,6 +92,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", str, "0.0.0.0", "address to listen on")
     add("--port", int, 50051, "port to listen on; 0 picks an ephemeral port")
     add("--engine", str, "torch", "engine implementation", choices=ENGINES)
+    add("--engine-process", str, "on", "torch engine: on (default) runs the engine core (scheduler, KV blocks, runner) in "
+        "its own process, fed by this front end over a local socket; off runs it on a thread in this process (debugging, tests)",
+        choices=("on", "off"))
+    add("--api-server-count", int, 1, "front-end (gRPC server) processes sharing the port over one engine core; "
+        "> 1 needs --engine-process on; jobs run in the first front end only")
     add("--max-pending-requests", int, 256, "interactive requests in flight before RESOURCE_EXHAUSTED")
     add("--max-pending-prompt-tokens", int, 1 << 20, "their total prompt tokens before RESOURCE_EXHAUSTED")
     add("--retry-after-ms", int, 200, "RetryInfo delay suggested when admission is full")
@@ -204,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_pending_prompt_tokens=args.max_pending_prompt_tokens,
                                 retry_after_ms=args.retry_after_ms)
     return ServerConfig(host=args.host, port=args.port, engine=args.engine, torch=torch_config,
+                        engine_process=args.engine_process == "on", api_server_count=args.api_server_count,
                         synthetic=synthetic, trtllm=trtllm, admission=admission,
                         drain_grace_seconds=args.drain_grace_seconds,
                         health_check_interval_seconds=args.health_check_interval_seconds, warmup=args.warmup,
@@ -306,9 +312,19 @@ def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the exit code (0 after a clean drain).
 
     The event loop is uvloop's when `config.uvloop` is set and uvloop is installed (a default
-    dependency on Linux and macOS), else asyncio's own.
+    dependency on Linux and macOS), else asyncio's own. With --api-server-count N > 1 this process
+    supervises N front ends and one engine core.
     """
     configure_logging(config.log_level, config.telemetry.log_format)
+    if config.api_server_count > 1:
+        from tokenrelay_server.supervisor import run_supervised
+
+        return run_supervised(config)
+    return run_loop(config, serve(config))
+
+
+def run_loop(config: ServerConfig, main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop when `config.uvloop` is set and uvloop is installed, else on asyncio."""
     if config.uvloop:
         try:
             import uvloop
@@ -316,9 +332,9 @@ def run(config: ServerConfig) -> int:
             log.info("uvloop is not installed: serving on asyncio's event loop")
         else:
             log.info("event loop: uvloop")
-            return uvloop.run(serve(config))
+            return uvloop.run(main)
     log.info("event loop: asyncio")
-    return asyncio.run(serve(config))
+    return asyncio.run(main)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -68,6 +68,13 @@ class OutputSlot:
             await self._event.wait()
 
 
+def put_all(deliveries: list[tuple[OutputSlot, RequestOutput]]) -> None:
+    """Put one step's outputs, from any thread, waking their loop once rather than once per slot."""
+    to_wake = [slot for slot, output in deliveries if slot.put_nowake(output)]
+    if to_wake:
+        wake_slots(to_wake[0]._loop, to_wake)
+
+
 def wake_slots(loop: asyncio.AbstractEventLoop, slots: list[OutputSlot]) -> None:
     """Wake `slots` (all on `loop`) from any thread with one call_soon_threadsafe."""
     try:

@@ -67,9 +67,8 @@ def demo_model_ready() -> bool:
     return all((root / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+def _torch_config():
     from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
-    from tokenrelay_engines.torch.engine import TorchEngine
 
     scheduler = SchedulerConfig(block_size=16, num_blocks=128, max_model_len=512)
     if demo_model_ready():
@@ -77,7 +76,20 @@ def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
     else:
         config = TorchEngineConfig(load_format="dummy", dummy_shape="tiny", device="cpu",
                                    dtype="float32", scheduler=scheduler)
-    return _running(TorchEngine(config))
+    return config
+
+
+def torch_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    from tokenrelay_engines.torch.engine import TorchEngine
+
+    return _running(TorchEngine(_torch_config()))
+
+
+def torch_core_process_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
+    """The same engine core in its own process, behind the front end's client (--engine-process on)."""
+    from tokenrelay_engines.core.client import EngineCoreClient
+
+    return _running(EngineCoreClient(_torch_config()))
 
 
 @contextlib.asynccontextmanager
@@ -113,6 +125,7 @@ def trtllm_engine() -> contextlib.AbstractAsyncContextManager[AsyncEngine]:
 ENGINE_CASES: tuple[EngineCase, ...] = (
     EngineCase("synthetic", synthetic_engine),
     EngineCase("torch", torch_engine),
+    EngineCase("torch-core-process", torch_core_process_engine),
     EngineCase("trtllm-double", trtllm_double_engine),
     EngineCase("trtllm", trtllm_engine, marks=(pytest.mark.gpu,)),
 )

@@ -14,6 +14,7 @@ from tokenrelay import AsyncClient, FailedPreconditionError, InvalidArgumentErro
 from tokenrelay.v1 import generation_pb2, jobs_pb2, jobs_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
 
 from tokenrelay_engines.config import DEMO_MODEL, SchedulerConfig, TorchEngineConfig
+from tests.engine_mode import engine_process  # noqa: E402
 from tokenrelay_server.app import start_server
 from tokenrelay_server.config import ServerConfig
 from tokenrelay_server.jobs.model import JobsConfig
@@ -35,7 +36,7 @@ async def _serve(tmp_path: Path, template: str | None):
         template_file = str(path)
     torch_config = TorchEngineConfig(model=DEMO_MODEL, chat_template=template_file,
                                      scheduler=SchedulerConfig(max_num_seqs=16, num_blocks=256))
-    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=torch_config,
+    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=torch_config, engine_process=engine_process(),
                           jobs=JobsConfig(store_url=f"sqlite://{tmp_path}/jobs.sqlite", poll_interval=0.05))
     return await asyncio.wait_for(start_server(config), timeout=120)
 

@@ -22,6 +22,7 @@ from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 pytest.importorskip("tokenrelay_engines.torch.engine")
 
+from tests.engine_mode import engine_process  # noqa: E402
 from tokenrelay_server.app import start_server  # noqa: E402
 from tokenrelay_server.config import ServerConfig  # noqa: E402
 from tokenrelay_server.jobs.model import JobsConfig  # noqa: E402
@@ -155,7 +156,7 @@ async def run_case(channel: grpc.aio.Channel, method, rng: random.Random) -> str
 
 @pytest.mark.slow
 async def test_fuzz_every_method_from_reflection(tmp_path):
-    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=DEMO,
+    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=DEMO, engine_process=engine_process(),
                           jobs=JobsConfig(store_url=f"sqlite://{tmp_path}/fuzz.sqlite", max_running=4))
     handle = await asyncio.wait_for(start_server(config), timeout=240)
     rng = random.Random(SEED)

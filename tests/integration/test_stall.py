@@ -14,6 +14,7 @@ from tokenrelay.v1 import text_generation_pb2_grpc
 
 pytest.importorskip("tokenrelay_engines.torch.engine")
 
+from tests.engine_mode import engine_process  # noqa: E402
 from tokenrelay_server.app import start_server  # noqa: E402
 from tokenrelay_server.config import ServerConfig  # noqa: E402
 from tests.integration.test_torch_serving import DEMO  # noqa: E402
@@ -22,7 +23,7 @@ HEALTH_BUDGET_S = 1.0
 
 
 async def test_health_answers_within_a_second_while_the_largest_prompts_are_tokenized():
-    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=DEMO)
+    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=DEMO, engine_process=engine_process())
     handle = await asyncio.wait_for(start_server(config), timeout=240)
     try:
         largest = "123+456=" * (config.limits.max_prompt_bytes // 8)  # exactly the limit, in bytes

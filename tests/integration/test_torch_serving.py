@@ -16,6 +16,7 @@ pytest.importorskip("tokenrelay_engines.torch.engine")
 pytest.importorskip("tokenrelay_engines.torch.runner")
 
 from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa: E402
+from tests.engine_mode import engine_process  # noqa: E402
 from tokenrelay_server.app import start_server  # noqa: E402
 from tokenrelay_server.config import ServerConfig  # noqa: E402
 
@@ -30,7 +31,8 @@ DUMMY_TINY = TorchEngineConfig(load_format="dummy", dummy_shape="tiny",
 @pytest.fixture
 async def torch_stub(request: pytest.FixtureRequest):
     engine_config = getattr(request, "param", DEMO)
-    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=engine_config)
+    config = ServerConfig(host="127.0.0.1", port=0, engine="torch", torch=engine_config,
+                          engine_process=engine_process())
     handle = await asyncio.wait_for(start_server(config), timeout=240)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:

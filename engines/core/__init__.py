@@ -1,0 +1,1 @@
+"""The engine core (scheduler + block manager + runner) and what feeds and drains it."""
