@@ -23,7 +23,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -97,6 +97,17 @@ class _Workload:
     def __getitem__(self, index: int) -> tuple[Prompt, int]:
         i = index % len(self.prompts)
         return self.prompts[i], self.output_lens[i]
+
+
+def arrival_offsets(rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
+    """Seconds from the start of a point at which requests arrive: gamma-distributed gaps with
+    mean 1/rate and shape `burstiness` (1: exponential gaps, a Poisson process; below 1 the
+    gaps' coefficient of variation 1/sqrt(burstiness) grows: bursts and lulls)."""
+    scale = 1.0 / (rate * burstiness)
+    offset = 0.0
+    while True:
+        offset += rng.gammavariate(burstiness, scale)
+        yield offset
 
 
 class LoadGenerator:
@@ -227,13 +238,12 @@ class LoadGenerator:
 
         tasks = []
         t0 = time.perf_counter()
-        arrival = 0.0
+        arrivals = arrival_offsets(rate, config.burstiness, rng)
         try:
             for i in itertools.count():
                 if config.num_requests is not None and i >= config.num_requests:
                     break
-                # gamma inter-arrival times with mean 1/rate; shape 1 is exponential (Poisson)
-                arrival += rng.gammavariate(config.burstiness, 1.0 / (rate * config.burstiness))
+                arrival = next(arrivals)
                 if config.duration is not None and arrival >= config.duration:
                     break
                 delay = t0 + arrival - time.perf_counter()
