@@ -106,23 +106,21 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check through the client's channel (so TLS and API keys apply)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    from tokenrelay.cli._health import check
     from tokenrelay.errors import from_rpc_error
 
     service = READINESS_SERVICE if args.ready else args.service
     with open_client(args) as client:
-        stub = health_pb2_grpc.HealthStub(client.channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                  timeout=args.timeout or 5.0, metadata=args.metadata or None)
+            status = check(client.channel, service, timeout=args.timeout or 5.0,
+                           metadata=args.metadata or None)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
             if error.code == grpc.StatusCode.NOT_FOUND and not error.message:
                 error.message = f"unknown service {service!r}"
             raise error from None
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def register(add: Any) -> None:
