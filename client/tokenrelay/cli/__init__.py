@@ -54,10 +54,12 @@ def _plugin_failed(name: str, error: Exception) -> Handler:
 
 
 def _add_plugins(commands: Any, extra: Sequence[tuple[str, AddCommand]]) -> None:
-    """Commands from other distributions (`serve` from tokenrelay-server), each added once."""
+    """Commands from other distributions (`serve` from tokenrelay-server), each added once;
+    a name the client already has is skipped."""
     seen: set[str] = set()
     for name, add_command in extra:
-        add_command(commands)
+        if name not in commands.choices:
+            add_command(commands)
         seen.add(name)
     for point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda p: p.name):
         if point.name in seen or point.name in commands.choices:
@@ -85,7 +87,6 @@ def build_parser(extra: Sequence[tuple[str, AddCommand]] = ()) -> argparse.Argum
         sub.set_defaults(handler=handler)
         return sub
 
-    _add_plugins(commands, extra)
     _text.register(add)
     _jobs.register(add, connection)
     sub = add("bench", cmd_bench, "load-test a server (closed loop, Poisson or bursty arrivals)",
@@ -96,6 +97,7 @@ def build_parser(extra: Sequence[tuple[str, AddCommand]] = ()) -> argparse.Argum
               client=False)
     from tokenrelay._bench_config import add_bench_arguments
     add_bench_arguments(sub)
+    _add_plugins(commands, extra)  # after the client's own: a plugin cannot shadow them
     return parser
 
 
