@@ -47,8 +47,8 @@ def _samples_ms(records: Sequence[RequestRecord], metric: str) -> list[float]:
 def _latency_distributions(report: BenchReport, path: Path) -> Path:
     figure = Figure(figsize=(15, 4.5), dpi=_DPI, layout="constrained")
     axes = figure.subplots(1, len(_METRICS))
-    for ax, (title, metric) in zip(axes, _METRICS):
-        for point, records in zip(report.points, report.records):
+    for ax, (title, metric) in zip(axes, _METRICS, strict=True):
+        for point, records in zip(report.points, report.records, strict=True):
             values = _samples_ms(records, metric)
             if values:
                 fractions = [(i + 1) / len(values) for i in range(len(values))]
@@ -90,7 +90,7 @@ def _latency_vs_load(points: Sequence[PointResult], mode: str, path: Path) -> Pa
     xs = [p.value for p in points]
     figure = Figure(figsize=(15, 4.5), dpi=_DPI, layout="constrained")
     axes = figure.subplots(1, len(_METRICS))
-    for ax, (title, metric) in zip(axes, _METRICS):
+    for ax, (title, metric) in zip(axes, _METRICS, strict=True):
         summaries: list[Summary] = [getattr(p, metric) for p in points]
         for q, _ in summaries[0].percentiles:
             ax.plot(xs, [s.at(q) for s in summaries], "o-", label=percentile_label(q))
