@@ -1,4 +1,5 @@
-"""Prompt sources for the load generator: random token ids of fixed/ranged length, or a file."""
+"""Prompt sources for the load generator (its named datasets): random token ids of fixed or
+ranged length, a file of prompts, or a ShareGPT conversation file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 Prompt = str | list[int]
+DATASETS = ("random", "file", "sharegpt")
 
 
 @dataclass(slots=True, frozen=True)
@@ -70,3 +72,38 @@ def load_prompt_file(path: str | Path) -> list[Prompt]:
             raise ValueError(f"{path}:{number}: expected a prompt string, a token id list, or an "
                              "object with 'prompt', 'text' or 'token_ids'")
     return prompts
+
+
+def load_sharegpt(path: str | Path) -> list[Prompt]:
+    """The first human turn of each conversation in a ShareGPT JSON file (a list of
+    {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]})."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a ShareGPT JSON file ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    prompts: list[Prompt] = []
+    for item in data:
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        for turn in turns if isinstance(turns, list) else ():
+            if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
+                if turn["value"]:
+                    prompts.append(turn["value"])
+                break
+    if not prompts:
+        raise ValueError(f"{path}: no conversation with a human turn")
+    return prompts
+
+
+def load_dataset(name: str, path: str | Path | None) -> list[Prompt] | None:
+    """The prompts of a named dataset; None for `random` (drawn per point from the vocabulary)."""
+    if name == "random":
+        return None
+    if path is None:
+        raise ValueError(f"the {name} dataset needs a file")
+    if name == "file":
+        return load_prompt_file(path)
+    if name == "sharegpt":
+        return load_sharegpt(path)
+    raise ValueError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from tokenrelay._stats import PointResult, Summary
+from tokenrelay._stats import PointResult, Summary, percentile_label
 
 
 class ProgressBar:
@@ -75,21 +75,25 @@ def point_label(point: PointResult) -> str:
 
 
 def format_point(point: PointResult) -> str:
-    """A block for one sweep point: throughput line and a latency percentile table (ms)."""
+    """A block for one sweep point: throughput lines and a latency table (ms): mean, standard
+    deviation and the run's percentiles."""
+    qs = [q for q, _ in point.ttft.percentiles]
     lines = [
         f"== {point_label(point)}: {point.completed} ok, {point.failed} failed "
         f"in {point.duration_s:.2f} s ==",
         f"request throughput {point.request_throughput:.2f} req/s   "
         f"output throughput {point.output_throughput:.1f} tok/s   "
-        f"input throughput {point.input_throughput:.1f} tok/s"
+        f"input throughput {point.input_throughput:.1f} tok/s",
+        f"total token throughput {point.total_token_throughput:.1f} tok/s"
         + (f"   goodput {point.goodput:.2f} req/s" if point.goodput is not None else ""),
-        f"{'latency (ms)':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}{'n':>8}",
+        f"{'latency (ms)':<14}{'mean':>10}{'std':>10}"
+        + "".join(f"{percentile_label(q):>10}" for q in qs) + f"{'n':>8}",
     ]
     rows: Sequence[tuple[str, Summary]] = (
         ("TTFT", point.ttft), ("ITL", point.itl), ("TPOT", point.tpot), ("E2E", point.e2e))
     for name, s in rows:
-        lines.append(f"{name:<14}{_fmt(s.mean):>10}{_fmt(s.p50):>10}{_fmt(s.p90):>10}"
-                     f"{_fmt(s.p95):>10}{_fmt(s.p99):>10}{s.count:>8}")
+        lines.append(f"{name:<14}{_fmt(s.mean):>10}{_fmt(s.std):>10}"
+                     + "".join(f"{_fmt(value):>10}" for _, value in s.percentiles) + f"{s.count:>8}")
     if point.errors:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in point.errors.items()))
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The `tokenrelay` CLI run as real subprocesses (`python -m tokenrelay_server.cli ...`) against real servers."""
+"""The `tokenrelay` CLI run as real subprocesses (`python -m tokenrelay_server.cli ...`: the client's command
+with the server's `serve` added) against real servers."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ async def test_text_generation_commands(synthetic_server):
     assert len(result["token_ids"]) == 6 and result["finish_reason"] == "FINISH_REASON_LENGTH"
     assert text == result["text"] + "\n"
     assert streamed == result["text"] + "\n"
-    assert "FINISH_REASON_LENGTH" in stream_err and "6 completion tokens" in stream_err
+    assert "[length: " in stream_err and "6 completion tokens" in stream_err  # str() of the reason: `length`
     events = [json.loads(line) for line in stream_json.splitlines()]
     assert list(events[0]) == ["started"] and list(events[-1]) == ["finished"]
     assert events[0]["started"]["prompt_tokens"] == len("from stdin") + 1
@@ -144,7 +145,7 @@ async def test_job_commands(synthetic_server):
     )
     assert get_code == 0 and json.loads(get_out)["job_id"] == job_id
     assert list_code == 0 and job_id in list_out
-    assert watch_code == 0 and "SUCCEEDED" in watch_err
+    assert watch_code == 0 and "[ended succeeded]" in watch_err
     code, _, err = await run_cli("job", "delete", job_id, "--target", target)
     assert code == 0, err
     code, _, err = await run_cli("job", "get", job_id, "--target", target)

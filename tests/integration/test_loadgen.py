@@ -109,3 +109,44 @@ def test_bench_without_a_server_fails_cleanly(capsys):
                          "--request-timeout", "5"])
     assert code == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+async def test_bench_plots_sharegpt_bursty_and_chosen_percentiles(synthetic_server, tmp_path):
+    """`tokenrelay bench --plot DIR` against a real server: a concurrency sweep and a bursty rate,
+    prompts from a ShareGPT file, percentiles chosen by flag; every PNG is a valid image."""
+    from PIL import Image
+
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"question {i}"},
+                                                      {"from": "gpt", "value": "answer"}]} for i in range(5)]),
+                       encoding="utf-8")
+    plots, out_file = tmp_path / "plots", tmp_path / "bench.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenrelay.cli", "bench", "--target", synthetic_server.address,
+        "--concurrency", "1,3", "--rate", "50", "--burstiness", "0.5", "--num-requests", "6",
+        "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--output-len", "4",
+        "--percentiles", "50,99.9", "--slo-ttft-ms", "1000", "--plot", str(plots),
+        "--json-out", str(out_file), "--no-progress", cwd=ROOT, env=dict(os.environ),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), BOUND)
+    stdout, stderr = out.decode(), err.decode()
+    assert proc.returncode == 0, stderr
+    assert "total token throughput" in stdout and "p99.9" in stdout and " std " in stdout
+    report = json.loads(out_file.read_text())
+    assert report["config"]["dataset_name"] == "sharegpt" and report["config"]["burstiness"] == 0.5
+    for point in report["points"]:
+        assert point["completed"] == 6 and point["failed"] == 0, point["errors"]
+        assert point["total_token_throughput"] == pytest.approx(
+            point["input_throughput"] + point["output_throughput"])
+        assert [q for q, _ in point["ttft"]["percentiles"]] == [50.0, 99.9]
+        assert point["ttft"]["std"] >= 0
+        assert {r["prompt_tokens"] for r in point["requests"]} == {len("question 0") + 1}  # from the file
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == ["latency_distributions.png", "latency_vs_concurrency.png", "latency_vs_rate.png",
+                     "throughput_vs_concurrency.png", "throughput_vs_rate.png"]
+    for name in names:
+        assert f"plot: {plots / name}" in stdout
+        with Image.open(plots / name) as image:
+            image.verify()  # a whole, valid PNG
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300

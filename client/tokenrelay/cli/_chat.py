@@ -7,7 +7,6 @@ template). Commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, TextIO
 
@@ -15,10 +14,6 @@ from tokenrelay import Client
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 USER_PROMPT = "> "
-
-
-def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system", default=None, help="a system message that opens the conversation")
 
 
 def chat_loop(client: Client, options: dict[str, Any], *, system: str | None = None,
