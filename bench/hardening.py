@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,15 +25,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenrelay.v1 import generation_pb2 as gen
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc, text_generation_pb2_grpc
 from tokenrelay.v1 import text_generation_pb2 as tg
+from trees import server_module, tree_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class Server:
     def __init__(self, tree: Path, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'client'}", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay_server.main", "--host", "127.0.0.1", "--port", "0",
-                                      *args], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([tree_python(tree), "-m", server_module(tree, "main"), "--host", "127.0.0.1",
+                                      "--port", "0", *args], cwd=tree, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
@@ -49,8 +50,7 @@ class Server:
 
 
 def supports(tree: Path, flag: str) -> bool:
-    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'client'}"}
-    out = subprocess.run([sys.executable, "-m", "tokenrelay_server.main", "--help"], cwd=tree, env=env,
+    out = subprocess.run([tree_python(tree), "-m", server_module(tree, "main"), "--help"], cwd=tree,
                          capture_output=True, text=True, timeout=120).stdout
     return flag in out
 
@@ -130,7 +130,7 @@ async def double_end_figure(address: str, streams: int) -> dict:
             return False
 
         twice = sum(await asyncio.gather(*(one(i) for i in range(streams))))
-        return {f"deadline_streams_ending_twice": f"{twice}/{streams}"}
+        return {"deadline_streams_ending_twice": f"{twice}/{streams}"}
 
 
 async def measure(tree: Path, args: argparse.Namespace) -> dict:

@@ -4,8 +4,9 @@ Redis outage, and what the stores write per persisted delta of a job with a big 
 
     python bench/jobs_recovery.py --tree /path/to/old/checkout --tree . --repeat 3
 
-Each tree's servers run as `python -m tokenrelay_server.main` processes with that tree first on PYTHONPATH
-(the store measurement runs in a child process the same way). Needs redis-server.
+Each tree's servers run as `-m tokenrelay_server.main` processes under that tree's Python
+(bench/trees.py); the store measurement runs in a child process under it too, and imports
+`tokenrelay_server`, so it needs a tree from after the package rename. Needs redis-server.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE.parent))
+
+from trees import server_module, tree_python  # noqa: E402
 
 LEASE = 3.0
 
 
-def _env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{tree}:{tree / 'client'}"}
+def _server(tree: Path) -> dict[str, str]:
+    """spawn_replica's keywords that run `tree`'s server."""
+    return {"python": tree_python(tree), "module": server_module(tree, "main")}
 
 
 async def dead_replica(tree: Path, work: Path) -> dict:
@@ -37,20 +42,19 @@ async def dead_replica(tree: Path, work: Path) -> dict:
     after a is SIGKILLed. Seconds from the kill until all 8 ended."""
     from tests.jobs.procs import RedisProcess, spawn_replica, wait_all_ended, wait_running_with_tokens
 
-    os.environ["PYTHONPATH"] = _env(tree)["PYTHONPATH"]
     redis = RedisProcess(work / "redis")
     await redis.start()
     replicas = []
     try:
         ids = json.loads(subprocess.run(
-            [sys.executable, str(HERE), "--queue", redis.url, "--n", "8", "--max-tokens", "600"],
-            env=_env(tree), check=True, capture_output=True, text=True).stdout)
+            [tree_python(tree), str(HERE), "--queue", redis.url, "--n", "8", "--max-tokens", "600"],
+            check=True, capture_output=True, text=True).stdout)
         common = ("--jobs-max-running", "8", "--jobs-lease-seconds", str(LEASE))
-        a = await spawn_replica(redis.url, work / "a", "--replica-id", "a", *common, itl_ms=25.0)
+        a = await spawn_replica(redis.url, work / "a", "--replica-id", "a", *common, itl_ms=25.0, **_server(tree))
         replicas.append(a)
         await wait_running_with_tokens(a.stub, ids, 60)
         b = await spawn_replica(redis.url, work / "b", "--replica-id", "b", *common, "--jobs-poll-seconds", "0.5",
-                                itl_ms=1.0)
+                                itl_ms=1.0, **_server(tree))
         replicas.append(b)
         await a.kill()
         t0 = time.monotonic()
@@ -71,14 +75,14 @@ async def outage(tree: Path, work: Path) -> dict:
     from tests.jobs.helpers import submit_request
     from tests.jobs.procs import RedisProcess, spawn_replica, wait_all_ended, wait_running_with_tokens
 
-    os.environ["PYTHONPATH"] = _env(tree)["PYTHONPATH"]
     redis = RedisProcess(work / "redis")
     await redis.start()
     replicas = []
     try:
         for name in ("a", "b"):
             replicas.append(await spawn_replica(redis.url, work / name, "--replica-id", name, "--jobs-max-running",
-                                                "8", "--jobs-lease-seconds", str(LEASE), itl_ms=10.0))
+                                                "8", "--jobs-lease-seconds", str(LEASE), itl_ms=10.0,
+                                                **_server(tree)))
         a, b = replicas
         ids = [(await (a if i % 2 else b).stub.SubmitJob(submit_request(300, prompt=f"doc {i}"))).job.job_id
                for i in range(16)]
@@ -156,26 +160,11 @@ async def measure_stores(tree: Path, work: Path, params_bytes: int, n: int) -> d
     redis = RedisProcess(work / "redis")
     await redis.start()
     try:
-        res = subprocess.run([sys.executable, str(HERE), "--store-writes", redis.url, "--params-bytes",
-                              str(params_bytes), "--n", str(n)], env=_env(tree), check=True, capture_output=True,
-                             text=True)
+        res = subprocess.run([tree_python(tree), str(HERE), "--store-writes", redis.url, "--params-bytes",
+                              str(params_bytes), "--n", str(n)], check=True, capture_output=True, text=True)
         return json.loads(res.stdout)
     finally:
         await redis.kill()
-
-
-async def _queue(url: str, n: int, max_tokens: int) -> list[str]:
-    from tokenrelay_server.jobs.redis_store import RedisJobStore
-    from tests.jobs.helpers import build_job, started_synthetic, submit_request
-
-    engine = await started_synthetic()
-    store = RedisJobStore(url)
-    await store.open()
-    try:
-        return [(await store.create(build_job(engine, submit_request(max_tokens, prompt=f"doc {i}"))))[0].job_id
-                for i in range(n)]
-    finally:
-        await store.close()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -213,9 +202,9 @@ if __name__ == "__main__":
     p.add_argument("--max-tokens", type=int, default=600, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.store_writes:
-        sys.path.insert(0, os.environ["PYTHONPATH"].split(":")[0])
         print(json.dumps(asyncio.run(store_writes(a.store_writes, a.params_bytes, a.n))))
     elif a.queue:
-        print(json.dumps(asyncio.run(_queue(a.queue, a.n, a.max_tokens))))
+        from tests.jobs.procs import queue_jobs
+        print(json.dumps(asyncio.run(queue_jobs(a.queue, a.n, a.max_tokens))))
     else:
         asyncio.run(main(a))

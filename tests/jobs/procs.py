@@ -9,7 +9,6 @@ append-only file, and `python -m tokenrelay_server.main` replicas on it.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -22,7 +21,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED,
             jobs_pb2.JOB_STATE_EXPIRED, jobs_pb2.JOB_STATE_DEAD_LETTER}
 
@@ -98,16 +96,18 @@ class Replica:
         await self.channel.close()
 
 
-async def spawn_replica(store_url: str, workdir: Path, *extra: str, itl_ms: float = 10.0) -> Replica:
-    """`python -m tokenrelay_server.main` (synthetic engine) on an ephemeral port; stderr goes to a log file."""
+async def spawn_replica(store_url: str, workdir: Path, *extra: str, itl_ms: float = 10.0,
+                        python: str = sys.executable, module: str = "tokenrelay_server.main") -> Replica:
+    """`python -m tokenrelay_server.main` (synthetic engine) on an ephemeral port; stderr goes to a log file.
+    `python` / `module` run another source tree's server (bench/trees.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"replica-{time.monotonic_ns()}.log"
     with open(log, "wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
+            python, "-m", module, "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
             "--synthetic-ttft-ms", "2", "--synthetic-itl-ms", str(itl_ms), "--log-level", "WARNING",
             "--health-check-interval-seconds", "0.5", "--jobs-store", store_url, "--jobs-poll-seconds", "0.05",
-            *extra, cwd=str(workdir), env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},
+            *extra, cwd=str(workdir),
             stdout=asyncio.subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     try:
@@ -163,3 +163,18 @@ def finished_once(job: jobs_pb2.Job, max_tokens: int) -> bool:
     ends = [h.state for h in job.history if h.state in TERMINAL]
     return (job.state == jobs_pb2.JOB_STATE_SUCCEEDED and ends == [jobs_pb2.JOB_STATE_SUCCEEDED]
             and len(job.result.token_ids) == max_tokens == job.completion_tokens)
+
+
+async def queue_jobs(url: str, n: int, max_tokens: int) -> list[str]:
+    """Jobs queued in a shared Redis store before any replica runs (as SubmitJob stores them)."""
+    from tokenrelay_server.jobs.redis_store import RedisJobStore
+    from tests.jobs.helpers import build_job, started_synthetic, submit_request
+
+    engine = await started_synthetic()
+    store = RedisJobStore(url)
+    await store.open()
+    try:
+        return [(await store.create(build_job(engine, submit_request(max_tokens, prompt=f"doc {i}"))))[0].job_id
+                for i in range(n)]
+    finally:
+        await store.close()

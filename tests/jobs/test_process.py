@@ -3,74 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from tokenrelay.v1 import jobs_pb2, jobs_pb2_grpc
 
 from tests.jobs.helpers import submit_request
-
-ROOT = Path(__file__).resolve().parents[2]
-TERMINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED,
-            jobs_pb2.JOB_STATE_EXPIRED, jobs_pb2.JOB_STATE_DEAD_LETTER}
-
-
-@dataclass(slots=True)
-class ServerProcess:
-    proc: asyncio.subprocess.Process
-    address: str
-    channel: grpc.aio.Channel
-    stub: jobs_pb2_grpc.JobsServiceStub
-
-    async def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.proc.wait(), 30)
-        await self.channel.close()
+from tests.jobs.procs import TERMINAL, Replica, get, spawn_replica
 
 
 @pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServerProcess]]]:
-    procs: list[ServerProcess] = []
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
+    """`python -m tokenrelay_server.main` processes (tests.jobs.procs), all killed at the end."""
+    procs: list[Replica] = []
 
-    async def start(store_url: str, *extra: str) -> ServerProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenrelay_server.main", "--engine", "synthetic", "--host", "127.0.0.1", "--port", "0",
-            "--synthetic-ttft-ms", "2", "--synthetic-itl-ms", "10", "--log-level", "WARNING",
-            "--jobs-store", store_url, "--jobs-poll-seconds", "0.05", *extra,
-            cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        try:
-            while True:
-                line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-                assert line, "the server exited before listening"
-                if line.startswith("tokenrelay listening on "):
-                    break
-        except BaseException:
-            proc.kill()
-            await proc.wait()
-            raise
-        address = line.rsplit(" ", 1)[1].strip()
-        channel = grpc.aio.insecure_channel(address)
-        server = ServerProcess(proc, address, channel, jobs_pb2_grpc.JobsServiceStub(channel))
+    async def start(store_url: str, *extra: str) -> Replica:
+        server = await spawn_replica(store_url, tmp_path, *extra)
         procs.append(server)
         return server
 
     yield start
     for p in procs:
-        if p.proc.returncode is None:
-            p.proc.kill()
-            await p.proc.wait()
-        await p.channel.close()
-
-
-async def get(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str) -> jobs_pb2.Job:
-    return (await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
+        await p.close()
 
 
 async def wait_ended(stub: jobs_pb2_grpc.JobsServiceStub, job_id: str, timeout: float = 60.0) -> jobs_pb2.Job:

@@ -13,11 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tokenrelay.v1 import jobs_pb2
 
-from tokenrelay_server.jobs.redis_store import RedisJobStore
-
-from tests.jobs.helpers import build_job, started_synthetic, submit_request
+from tests.jobs.helpers import submit_request
 from tests.jobs.procs import (
-    RedisProcess, Replica, finished_once, get, jobs_readiness, spawn_replica, wait_all_ended,
+    RedisProcess, Replica, finished_once, get, jobs_readiness, queue_jobs, spawn_replica, wait_all_ended,
     wait_running_with_tokens,
 )
 
@@ -52,23 +50,11 @@ def log_problems(replica: Replica) -> list[str]:
             if "never retrieved" in line or "unexpected error in handler" in line]
 
 
-async def _queue(url: str, n: int, max_tokens: int) -> list[str]:
-    """Jobs queued in the shared store before any replica runs (as SubmitJob stores them)."""
-    engine = await started_synthetic()
-    store = RedisJobStore(url)
-    await store.open()
-    try:
-        return [(await store.create(build_job(engine, submit_request(max_tokens, prompt=f"doc {i}"))))[0].job_id
-                for i in range(n)]
-    finally:
-        await store.close()
-
-
 async def test_a_dead_replicas_running_jobs_resume_within_one_lease(redis, replicas, tmp_path: Path) -> None:
     # 8 queued jobs are claimed by the victim at once, so their leases (and heartbeats) run in
     # step and lapse together when it dies; the victim generates slowly (its jobs are surely still
     # running when it dies), the survivor fast
-    ids = await _queue(redis.url, 8, 600)
+    ids = await queue_jobs(redis.url, 8, 600)
     victim = await spawn_replica(redis.url, tmp_path / "a", "--replica-id", "a", *common(), itl_ms=25.0)
     replicas.append(victim)
     await wait_running_with_tokens(victim.stub, ids, 60)
