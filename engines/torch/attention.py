@@ -79,8 +79,9 @@ class TorchAttention:
     Decode tokens (query length 1) of a step are attended together in one batch: which blocks
     each row reads and its padding mask are worked out once per step (`DecodePlan`), then each
     layer copies those blocks with one `index_select` for K and V together and runs SDPA with
-    grouped-query heads (no repeat of K/V per query head). Prefill chunks are attended one
-    sequence at a time (their shapes come from host ints, so no device synchronisation).
+    the query heads of a KV head as its query rows (no repeat of K/V per query head). Prefill
+    chunks are attended one sequence at a time (their shapes come from host ints, so no device
+    synchronisation).
     """
 
     def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -152,6 +153,11 @@ class TorchAttention:
         plan = self._plan(meta, q.dtype)
         kv = self._read_blocks(kv_cache, plan.block_ids).view(2, plan.num_rows, -1, *kv_cache.shape[-2:])
         k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [D, kv_heads, n * block_size, d]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=plan.bias, scale=scale,
-                                           enable_gqa=True)
-        return o.squeeze(2)
+        # The query heads that share a KV head act as that head's query rows (head h reads KV
+        # head h // group, as in grouped-query attention): one [group, d] x [d, ctx] product per
+        # KV head instead of `group` single-row ones.
+        rows, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        o = F.scaled_dot_product_attention(q.view(rows, kv_heads, heads // kv_heads, dim), k, v,
+                                           attn_mask=plan.bias, scale=scale)
+        return o.reshape(rows, heads, dim)

@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op, bit-identical to the three-step form below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
@@ -48,7 +50,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding:
-    """cos/sin for the step's positions, computed on the fly in float32 (no position table)."""
+    """cos/sin for the step's positions, computed on the fly in float32 (no position table).
+
+    The sin returned is sign-folded, [-sin | sin] over the two halves of a head, so that
+    `apply_rope` needs one roll instead of two slices, a negation and a cat."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str | None) -> None:
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
@@ -56,16 +61,15 @@ class RotaryEmbedding:
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        sin = emb.sin().to(dtype)
+        sin[:, :freqs.shape[-1]].neg_()
+        return emb.cos().to(dtype)[:, None, :], sin[:, None, :]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2 | x1]: the sign lives in
+    `sin_folded` (negation is exact, so the result is bit-identical)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
 
 
 class PackedLinear(nn.Module):
