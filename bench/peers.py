@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_clients import GrpcPeer, HttpPeer, OfflinePeer, PeerError  # noqa: E402
-from trees import server_module, tree_python  # noqa: E402
+from trees import tree_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,9 +79,8 @@ def build_peers(args: argparse.Namespace, work: Path) -> list:
         if not tree or not (Path(tree) / "server").is_dir():
             print(f"skip tokenrelay@{label}: {tree!r} is not a tokenrelay tree")
             continue
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        env.pop("PYTHONPATH", None)  # the tree's own editable venv picks its code (bench/trees.py)
-        cmd = [tree_python(Path(tree)), "-m", server_module(Path(tree), "cli"), "serve", "--model", args.model_dir, "--host", "127.0.0.1",
+        env = {**tree_env(Path(tree)), "OMP_NUM_THREADS": str(args.threads)}  # imports this tree
+        cmd = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--model", args.model_dir, "--host", "127.0.0.1",
                "--max-num-seqs", str(max(args.concurrency, 1)), "--max-model-len", "1024",
                "--num-kv-blocks", str(args.concurrency * 20 + 64), *args.tokenrelay_arg]
         peers.append(GrpcPeer(f"tokenrelay@{label}", "gRPC server", cmd, env, tree, free_port))
