@@ -28,7 +28,6 @@ import random
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
