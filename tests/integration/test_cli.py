@@ -74,7 +74,7 @@ async def test_text_generation_commands(synthetic_server):
         assert "Traceback" not in err
     (_, text, _), (_, as_json, _), (_, streamed, stream_err), (_, stream_json, _) = results[:4]
     result = json.loads(as_json)
-    assert len(result["token_ids"]) == 6 and result["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert len(result["token_ids"]) == 6 and result["finish_reason"] == "length"
     assert text == result["text"] + "\n"
     assert streamed == result["text"] + "\n"
     assert "[length: " in stream_err and "6 completion tokens" in stream_err  # str() of the reason: `length`
@@ -137,7 +137,7 @@ async def test_job_commands(synthetic_server):
     job_id = out.strip()
     code, out, err = await run_cli("job", "wait", job_id, "--wait-timeout", "60", "--target", target)
     assert code == 0, err
-    assert json.loads(out)["state"] == "JOB_STATE_SUCCEEDED"
+    assert json.loads(out)["state"] == "succeeded"
     (get_code, get_out, _), (list_code, list_out, _), (watch_code, _, watch_err) = await asyncio.gather(
         run_cli("job", "get", job_id, "--target", target),
         run_cli("job", "list", "--target", target),

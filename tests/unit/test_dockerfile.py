@@ -169,7 +169,7 @@ def test_requirements_stage_lists_every_dependency_but_torch_and_the_client(dock
     shutil.copy(ROOT / "client" / "pyproject.toml", tmp_path / "client" / "pyproject.toml")
     done = subprocess.run([sys.executable, "-c", script[2]], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, check=True)
-    listed = done.stdout.split()
+    listed = done.stdout.splitlines()
     server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     expected = [d for d in client["dependencies"] + server["dependencies"] + server["optional-dependencies"]["redis"]
