@@ -45,3 +45,11 @@ def test_imports_resolve_to_this_checkout():
 
     assert Path(tokenrelay_server.__file__).resolve().parent == ROOT / "server"
     assert Path(tokenrelay_engines.__file__).resolve().parent == ROOT / "engines"
+
+
+def test_the_server_pins_the_client_of_this_checkout():
+    """No registry has tokenrelay-client: the server asks for exactly the version in ./client, which
+    resolves when both are installed in one pip command (README, scripts/serve.sh, .ci/run, Docker)."""
+    server = _project()["project"]["dependencies"]
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    assert f"tokenrelay-client=={client['version']}" in server
