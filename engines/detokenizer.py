@@ -22,7 +22,7 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded as left context (spacing, merges)
 
 
 class IncrementalDetokenizer:
-    """Text view of one sequence's output tokens. Implements the scheduler's StopChecker."""
+    """Text view of one sequence's output tokens, with its stop strings (the front end's output processor)."""
 
     def __init__(
         self,
@@ -61,7 +61,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         return full[len(prefix):]
 
-    # ---- the StopChecker side (engine thread, via the scheduler) ------------------------
+    # ---- taking tokens (the output processor) -------------------------------------------
 
     def append(self, token_id: int, allow_stop: bool = True) -> str | None:
         """Take one output token; return the stop string it completed, if any."""

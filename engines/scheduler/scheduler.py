@@ -13,7 +13,6 @@ import bisect
 import itertools
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from tokenrelay_engines.base import FinishReason
 from tokenrelay_engines.config import SchedulerConfig
@@ -25,13 +24,6 @@ from tokenrelay_engines.scheduler.sequence import (
     Sequence,
     SequenceStatus,
 )
-
-
-class StopChecker(Protocol):
-    """Per-sequence text view (the engine's incremental detokenizer)."""
-
-    def append(self, token_id: int, allow_stop: bool) -> str | None:
-        """Take one output token; return the stop string it completed, if any."""
 
 
 class Scheduler:
@@ -54,7 +46,6 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by _key
         self.num_preemptions = 0
         self._keys: dict[str, tuple[int, float, int]] = {}
-        self._stop_checkers: dict[str, StopChecker] = {}
         self._counter = itertools.count()
         self._left: list[str] = []  # request ids that left the running batch since schedule()
 
@@ -78,15 +69,13 @@ class Scheduler:
     def _insert(self, queue: list[Sequence], seq: Sequence) -> None:
         bisect.insort(queue, seq, key=self._key)
 
-    def add(self, seq: Sequence, stop_checker: StopChecker | None = None) -> None:
+    def add(self, seq: Sequence) -> None:
         """Queue `seq`. A sequence that can never run is finished at once with LENGTH."""
         rid = seq.request_id
         if rid in self._keys:
             raise ValueError(f"request {rid!r} is already scheduled")
         req = seq.request
         self._keys[rid] = (req.priority, req.arrival_time, next(self._counter))
-        if stop_checker is not None:
-            self._stop_checkers[rid] = stop_checker
         seq.status = SequenceStatus.WAITING
         if seq.num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
@@ -128,7 +117,6 @@ class Scheduler:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self._keys.pop(rid, None)
-        self._stop_checkers.pop(rid, None)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: list[int]) -> None:
         """Preempt by recompute: free the blocks, back to waiting, keep the output tokens."""
@@ -320,12 +308,6 @@ class Scheduler:
         if can_stop and stopping.stop_token_ids and token in stopping.stop_token_ids:
             self._finish(seq, FinishReason.STOP, token)
             return
-        checker = self._stop_checkers.get(seq.request.request_id) if self._stop_checkers else None
-        if checker is not None:
-            matched = checker.append(token, can_stop)
-            if matched is not None:
-                self._finish(seq, FinishReason.STOP, matched)
-                return
         if num_output >= stopping.max_tokens or num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
             return

@@ -247,9 +247,9 @@ def test_abort_after_finish_is_noop() -> None:
     assert sched.abort("a") is None and seq.finish_reason is FinishReason.LENGTH
 
 
-def _run_one(seq: Sequence, tokens: list[int], stop_checker=None, **kw) -> Sequence:
+def _run_one(seq: Sequence, tokens: list[int], **kw) -> Sequence:
     sched = make_scheduler(**kw)
-    sched.add(seq, stop_checker)
+    sched.add(seq)
     it = iter(tokens)
     drain(sched, token=lambda s: next(it))
     assert sched.block_manager.num_used_blocks == 0
@@ -272,32 +272,6 @@ def test_max_tokens_and_stop_token_ids() -> None:
     assert s.finish_reason is FinishReason.STOP and s.stop_reason == 7 and s.output_token_ids == [5, 7]
     s = _run_one(make_seq("c", max_tokens=9, min_tokens=1, stop_token_ids=(7,)), [7, 7])
     assert s.finish_reason is FinishReason.STOP and s.output_token_ids == [7, 7]
-
-
-class FakeText:
-    """A StopChecker over a toy vocabulary: token t is the letter chr(ord('a') + t % 26)."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop, self.text, self.calls = stop, "", []
-
-    def append(self, token_id: int, allow_stop: bool) -> str | None:
-        self.calls.append((token_id, allow_stop))
-        self.text += chr(ord("a") + token_id % 26)
-        if allow_stop:
-            for s in self.stop:
-                if s in self.text:
-                    return s
-        return None
-
-
-def test_stop_strings_through_the_checker() -> None:
-    checker = FakeText(("cd",))
-    s = _run_one(make_seq("a", max_tokens=10, stop=("cd",)), [26, 27, 28, 29, 30], checker)  # a b c d e
-    assert s.finish_reason is FinishReason.STOP and s.stop_reason == "cd" and s.num_output_tokens == 4
-    checker = FakeText(("a",))
-    s = _run_one(make_seq("b", max_tokens=10, min_tokens=2, stop=("a",)), [26, 26, 26, 27], checker)
-    assert [allow for _, allow in checker.calls] == [False, False, True]
-    assert s.finish_reason is FinishReason.STOP and s.num_output_tokens == 3
 
 
 def test_context_full_and_overlong_prompt_finish_with_length() -> None:
