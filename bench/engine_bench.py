@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dummy-shape", default="", help="named shape for --load-format dummy, e.g. tiny, llama-3.1-8b")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:n]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default="auto", choices=["auto", "none"], help="GGUF weights: see serve --help")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -93,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def bench(args: argparse.Namespace) -> dict:
     config = TorchEngineConfig(
         model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape, device=args.device,
-        dtype=args.dtype, kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
+        dtype=args.dtype, quantization=args.quantization, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        seed=args.seed,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   block_size=args.block_size, num_blocks=args.num_blocks))
     runners: list[TimedRunner] = []

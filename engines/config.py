@@ -34,6 +34,9 @@ class TorchEngineConfig:
     # "auto": bfloat16 on CUDA and on CPUs with AMX / AVX-512 BF16, else float32; or float32,
     # bfloat16, float16
     dtype: str = "auto"
+    # GGUF weights on the CPU: "auto" keeps Q4_1 / Q8_0 linear and embedding weights in their blocks
+    # (engines/torch/quant/: AVX2 kernels, 8-bit activations); "none" dequantizes every weight
+    quantization: str = "auto"
     num_threads: int = 0  # CPU intra-op threads; 0: this process's physical cores
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
@@ -46,6 +49,8 @@ class TorchEngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', not {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.quantization not in ("auto", "none"):
+            raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
         if self.num_threads < 0:
             raise ValueError("num_threads must be >= 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -7,7 +7,8 @@ A GGUF holds the architecture hyper-parameters and the tokenizer as metadata (`l
 - `model_config_from_gguf` maps the metadata to our `ModelConfig`.
 - `load_gguf_weights` dequantizes every tensor with `gguf.quants.dequantize` (F32, F16, BF16,
   Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) to the serving dtype and copies it into the model under
-  its Hugging Face name.
+  its Hugging Face name; given the CPU kernels (engines/torch/quant/), Q4_1 and Q8_0 linear and
+  embedding weights instead stay in their blocks.
 
 llama.cpp's converter permutes the rows of the q and k projections of "llama"-architecture files
 so that rotary embedding pairs adjacent dimensions (GPT-J style, its "NORM" rope) instead of the
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenrelay_engines.torch.quant.blocks import BLOCK_BYTES, BlockQuantEmbedding, BlockQuantLinear, BlockWeight
+from tokenrelay_engines.torch.quant.native import QuantKernels
 from tokenrelay_engines.torch.shapes import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -216,50 +219,103 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)
 
 
-def dequantized_tensors(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, float32 array in the Hugging Face layout) for each used tensor."""
+def _qk_heads(gguf: GGUFFile, config: ModelConfig, gguf_name: str) -> int | None:
+    """Heads to un-permute a q/k tensor by (llama.cpp's row order), or None when it is not one."""
+    if gguf.architecture not in _PERMUTED_QK:
+        return None
+    if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_attention_heads
+    if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_key_value_heads
+    return None
+
+
+def dequantized(gguf: GGUFFile, config: ModelConfig, tensor) -> np.ndarray:
+    """A tensor as float32 in the Hugging Face layout."""
     from gguf import GGMLQuantizationType, dequantize
 
-    permuted = gguf.architecture in _PERMUTED_QK
-    for tensor in gguf.reader.tensors:
-        name = hf_name(tensor.name)
-        if name is None:
-            continue
-        try:
-            array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
-        except NotImplementedError as exc:
-            raise ValueError(f"{tensor.name}: {exc}") from None
-        if tensor.tensor_type == GGMLQuantizationType.BF16 or array.dtype != np.float32:
-            array = array.astype(np.float32)
-        if permuted and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
-            array = unpermute_qk(array, config.num_attention_heads)
-        elif permuted and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
-            array = unpermute_qk(array, config.num_key_value_heads)
-        yield name, array
+    try:
+        array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+    except NotImplementedError as exc:
+        raise ValueError(f"{tensor.name}: {exc}") from None
+    if tensor.tensor_type == GGMLQuantizationType.BF16 or array.dtype != np.float32:
+        array = array.astype(np.float32)
+    heads = _qk_heads(gguf, config, tensor.name)
+    return unpermute_qk(array, heads) if heads is not None else array
+
+
+def block_weight(gguf: GGUFFile, config: ModelConfig, tensor) -> BlockWeight | None:
+    """A 2-D Q4_1 / Q8_0 tensor's blocks in the Hugging Face row order; None for other types."""
+    from gguf import GGMLQuantizationType
+
+    kind = GGMLQuantizationType(tensor.tensor_type).name
+    if kind not in BLOCK_BYTES or len(tensor.shape) != 2:
+        return None
+    rows = int(tensor.shape[1])  # GGUF lists dimensions innermost first: [K, N]
+    weight = BlockWeight.from_gguf(kind, tensor.data, rows)
+    heads = _qk_heads(gguf, config, tensor.name)
+    if heads is not None:
+        weight = weight.permute_rows(torch.from_numpy(unpermute_qk(np.arange(rows), heads)))
+    return weight
+
+
+def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kernels: QuantKernels) -> bool:
+    """Swap the linear or embedding that owns `name` for its block-quantized form."""
+    path = name.removesuffix(".weight")
+    if path == name:
+        return False
+    module = model.get_submodule(path)
+    if isinstance(module, torch.nn.Linear):
+        replacement: torch.nn.Module = BlockQuantLinear(weight, kernels, bias=module.bias, dtype=module.weight.dtype)
+    elif isinstance(module, torch.nn.Embedding):
+        replacement = BlockQuantEmbedding(weight, module.weight.dtype)
+    else:
+        return False
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, replacement)
+    return True
 
 
 def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfig,
-                      progress: Callable[[Iterator], Iterator] | None = None) -> None:
-    """Dequantize every tensor into `model`'s parameters; raises on a missing or misshapen one."""
+                      progress: Callable[[Iterator], Iterator] | None = None,
+                      kernels: QuantKernels | None = None) -> int:
+    """Fill `model` from the file; raises on a missing or misshapen weight. With `kernels`, linear
+    and embedding weights stored as Q4_1 / Q8_0 stay in their blocks (`quant.blocks`); every other
+    tensor is dequantized to the model's dtype. Returns the count of tensors kept quantized."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    tensors = dequantized_tensors(gguf, config)
-    for name, array in (progress(tensors) if progress is not None else tensors):
+    tensors = gguf.reader.tensors
+    for tensor in (progress(tensors) if progress is not None else tensors):
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
         if name not in params:
             raise ValueError(f"{gguf.path.name}: weight {name!r} does not fit a {config.model_type} model")
         param = params[name]
-        if tuple(array.shape) != tuple(param.shape):
-            raise ValueError(f"{gguf.path.name}: {name} has shape {tuple(array.shape)}, "
-                             f"expected {tuple(param.shape)}")
-        if not array.flags.writeable:  # F32 tensors come back as views of the read-only mapping
-            array = array.copy()
-        param.copy_(torch.from_numpy(array))
+        weight = block_weight(gguf, config, tensor) if kernels is not None else None
+        if weight is not None:
+            shape = (weight.out_features, weight.in_features)
+        else:
+            array = dequantized(gguf, config, tensor)
+            shape = tuple(array.shape)
+        if shape != tuple(param.shape):
+            raise ValueError(f"{gguf.path.name}: {name} has shape {shape}, expected {tuple(param.shape)}")
+        if weight is None or not _keep_quantized(model, name, weight, kernels):
+            if weight is not None:
+                array = dequantized(gguf, config, tensor)
+            if not array.flags.writeable:  # F32 tensors come back as views of the read-only mapping
+                array = array.copy()
+            param.copy_(torch.from_numpy(array))
         loaded.add(name)
     if config.tie_word_embeddings:
         loaded.add("lm_head.weight")
+        embed = model.get_submodule("model.embed_tokens")
+        if isinstance(embed, BlockQuantEmbedding):  # the output layer reads the same blocks
+            model.lm_head = BlockQuantLinear(embed.weight, kernels, dtype=embed.dtype)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{gguf.path.name} is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return sum(isinstance(m, (BlockQuantLinear, BlockQuantEmbedding)) for m in model.modules())
 
 
 def progress_bar(total: int, desc: str) -> Callable[[Iterator], Iterator]:

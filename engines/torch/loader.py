@@ -34,6 +34,7 @@ from tokenrelay_engines.chat_template import (
 )
 from tokenrelay_engines.config import DEMO_MODEL, TorchEngineConfig
 from tokenrelay_engines.torch import gguf_loader
+from tokenrelay_engines.torch.quant.native import load_kernels
 from tokenrelay_engines.torch.gguf_tokenizer import byte_alphabet, tokenizer_from_gguf
 from tokenrelay_engines.torch.models import LlamaForCausalLM
 from tokenrelay_engines.torch.shapes import ModelConfig, named_shape
@@ -178,8 +179,12 @@ def _load_gguf(config: TorchEngineConfig, path: Path, device: torch.device, dtyp
     if config.load_format == "dummy":
         _init_dummy(model, config.seed, device)
     else:
+        kernels = load_kernels() if config.quantization == "auto" and device.type == "cpu" else None
         bar = gguf_loader.progress_bar(len(gguf.reader.tensors), f"loading {path.name}")
-        gguf_loader.load_gguf_weights(model, gguf, shape, progress=bar)
+        kept = gguf_loader.load_gguf_weights(model, gguf, shape, progress=bar, kernels=kernels)
+        if kept:
+            log.info("%s: %d weights kept block-quantized (Q4_1 / Q8_0, 8-bit activations; "
+                     "--quantization none dequantizes them)", path.name, kept)
     model.eval()
     name = DEFAULT_MODEL_NAME if not config.model else path.stem
     specials = {"bos_token": tok_info.bos_token, "eos_token": tok_info.eos_token}

@@ -41,8 +41,10 @@ def _hf_from_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def _runner(path: Path) -> ModelRunner:
-    return ModelRunner(TorchEngineConfig(model=str(path), device="cpu", dtype="float32",
+def _runner(path: Path, quantization: str = "none") -> ModelRunner:
+    """"none" (every weight dequantized, float matmuls) is what is token-exact with transformers;
+    the block-quantized kernels ("auto") are tested in test_quant.py."""
+    return ModelRunner(TorchEngineConfig(model=str(path), device="cpu", dtype="float32", quantization=quantization,
                                          scheduler=SchedulerConfig(block_size=4, num_blocks=128)))
 
 

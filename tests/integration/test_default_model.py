@@ -112,7 +112,7 @@ def hf_model():
 @pytest.fixture(scope="module")
 def capped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     server = ServeProcess(["--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK_SIZE),
-                           "--max-num-seqs", "32", "--num-kv-blocks", "256"],
+                           "--max-num-seqs", "32", "--num-kv-blocks", "256", "--quantization", "none"],
                           tmp_path_factory.mktemp("serve") / "capped.log")
     yield server
     server.stop()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata
+from tokenrelay_engines.torch.quant.blocks import BlockQuantLinear, BlockWeight
 from tokenrelay_engines.torch.shapes import ModelConfig, RopeScaling
 
 
@@ -90,8 +91,18 @@ class PackedLinear(nn.Module):
         return torch.addmm(self.bias, x, self.weight_t)
 
 
-def _fused_linear(parts: tuple[nn.Linear, ...], packed: bool) -> nn.Module:
-    weight = torch.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight
+def _fused_linear(parts: tuple[nn.Module, ...], packed: bool) -> nn.Module:
+    """One linear layer computing `parts` side by side. Block-quantized parts of one format stay
+    quantized; a mix of formats is dequantized to one float weight."""
+    if all(isinstance(p, BlockQuantLinear) for p in parts):
+        blocks = BlockWeight.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight
+        if blocks is not None:
+            biases = [p.bias for p in parts]
+            bias = None if biases[0] is None else torch.cat(biases) if len(parts) > 1 else biases[0]
+            return BlockQuantLinear(blocks, parts[0].kernels, bias=bias, dtype=parts[0].dtype)
+    weights = [p.weight.dequantize().to(p.dtype) if isinstance(p, BlockQuantLinear) else p.weight
+               for p in parts]
+    weight = torch.cat(weights) if len(parts) > 1 else weights[0]
     bias = None
     if parts[0].bias is not None:
         bias = torch.cat([p.bias for p in parts]) if len(parts) > 1 else parts[0].bias
