@@ -35,8 +35,11 @@ class TorchEngineConfig:
     # bfloat16, float16
     dtype: str = "auto"
     # GGUF weights on the CPU: "auto" keeps Q4_1 / Q8_0 linear and embedding weights in their blocks
-    # (engines/torch/quant/: AVX2 kernels, 8-bit activations); "none" dequantizes every weight
+    # (engines/torch/kernels/: AVX2 kernels, 16-bit integer activations); "none" dequantizes every weight
     quantization: str = "auto"
+    # on x86-64 CPUs with AVX2 + FMA and a C compiler: C kernels (engines/torch/kernels/) for GGUF
+    # block weights, RMSNorm and decode attention in float32; False: torch operators only
+    cpu_kernels: bool = True
     num_threads: int = 0  # CPU intra-op threads; 0: this process's physical cores
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights

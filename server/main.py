@@ -121,9 +121,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", str, "auto", "auto (bfloat16 on CUDA and on CPUs with AMX/AVX-512 BF16, else float32), "
         "float32, bfloat16, float16")
     add("--quantization", str, "auto", "GGUF weights on the CPU: auto keeps Q4_1 / Q8_0 linear weights in "
-        "their blocks and runs them with 8-bit activations (AVX2 kernels built with the C compiler on first "
-        "use; llama.cpp's numerics, about 4x less weight memory traffic); none dequantizes every weight "
-        "(float matmuls, token-exact with transformers)", choices=("auto", "none"))
+        "their blocks (AVX2 kernels built with the C compiler on first use; activations rounded to 16 bits "
+        "per block of 32, integer dot products; about 5x less weight memory traffic than float32); none "
+        "dequantizes every weight (float matmuls, token-exact with transformers)", choices=("auto", "none"))
+    add_bool("--cpu-kernels", True, "float32 on x86-64 CPUs with AVX2 + FMA: C kernels (built with the system "
+             "compiler on first use) for GGUF block weights, RMSNorm and decode attention "
+             "(--no-cpu-kernels: torch operators only)")
     add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: this process's physical cores")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
@@ -196,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_model_len=args.max_model_len)
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype, quantization=args.quantization,
+                                     cpu_kernels=args.cpu_kernels,
                                      num_threads=args.num_threads,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,

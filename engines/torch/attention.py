@@ -12,10 +12,13 @@ Sliding-window attention (Mistral v0.1) is not applied: attention is always full
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tokenrelay_engines.torch.kernels.native import CpuKernels
 
 
 @dataclass(slots=True)
@@ -37,6 +40,7 @@ class AttentionMetadata:
     block_size: int
     # Filled by TorchAttention on the step's first layer and reused by every other layer.
     decode_plan: DecodePlan | None = None
+    decode_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # CpuKernelAttention's (tables, lens)
 
     def __post_init__(self) -> None:
         if len(self.query_lens_host) != len(self.context_lens_host):
@@ -161,3 +165,24 @@ class TorchAttention:
         o = F.scaled_dot_product_attention(q.view(rows, kv_heads, heads // kv_heads, dim), k, v,
                                            attn_mask=plan.bias, scale=scale)
         return o.reshape(rows, heads, dim)
+
+
+class CpuKernelAttention(TorchAttention):
+    """TorchAttention with the decode rows attended by one C call per layer (kernels/ops.c), which
+    reads K/V in place from the paged cache (no block copies, no padding mask). Float32 only, head
+    dims a multiple of 8; prefill chunks stay with SDPA."""
+
+    def __init__(self, kernels: CpuKernels) -> None:
+        self.kernels = kernels
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        if q.dtype != torch.float32 or q.shape[-1] % 8 or kv_cache.dtype != torch.float32:
+            return super()._decode(q, kv_cache, meta, scale)
+        if meta.decode_rows is None:
+            rows = meta.decode_seqs
+            everyone = len(rows) == meta.num_seqs
+            meta.decode_rows = (meta.block_tables if everyone else meta.block_tables[rows].contiguous(),
+                                meta.context_lens if everyone else meta.context_lens[rows].contiguous())
+        tables, lens = meta.decode_rows
+        return self.kernels.decode_attention(q.contiguous(), kv_cache, tables, lens, scale)

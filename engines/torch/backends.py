@@ -11,7 +11,8 @@ import importlib.util
 
 import torch
 
-from tokenrelay_engines.torch.attention import AttentionBackend, TorchAttention
+from tokenrelay_engines.torch.attention import AttentionBackend, CpuKernelAttention, TorchAttention
+from tokenrelay_engines.torch.kernels.native import CpuKernels
 
 
 def resolve_device(device: str) -> torch.device:
@@ -27,9 +28,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def default_attention(device: torch.device) -> AttentionBackend:
+def default_attention(device: torch.device, kernels: CpuKernels | None = None) -> AttentionBackend:
     if device.type == "cuda" and triton_available():
         from tokenrelay_engines.torch.triton_attention import TritonAttention
 
         return TritonAttention()
+    if device.type == "cpu" and kernels is not None:
+        return CpuKernelAttention(kernels)
     return TorchAttention()

@@ -7,7 +7,7 @@ A GGUF holds the architecture hyper-parameters and the tokenizer as metadata (`l
 - `model_config_from_gguf` maps the metadata to our `ModelConfig`.
 - `load_gguf_weights` dequantizes every tensor with `gguf.quants.dequantize` (F32, F16, BF16,
   Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) to the serving dtype and copies it into the model under
-  its Hugging Face name; given the CPU kernels (engines/torch/quant/), Q4_1 and Q8_0 linear and
+  its Hugging Face name; given the CPU kernels (engines/torch/kernels/), Q4_1 and Q8_0 linear and
   embedding weights instead stay in their blocks.
 
 llama.cpp's converter permutes the rows of the q and k projections of "llama"-architecture files
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenrelay_engines.torch.quant.blocks import BLOCK_BYTES, BlockQuantEmbedding, BlockQuantLinear, BlockWeight
-from tokenrelay_engines.torch.quant.native import QuantKernels
+from tokenrelay_engines.torch.kernels.blocks import BLOCK_BYTES, BlockQuantEmbedding, BlockQuantLinear, BlockWeight
+from tokenrelay_engines.torch.kernels.native import CpuKernels
 from tokenrelay_engines.torch.shapes import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def block_weight(gguf: GGUFFile, config: ModelConfig, tensor) -> BlockWeight | N
     return weight
 
 
-def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kernels: QuantKernels) -> bool:
+def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kernels: CpuKernels) -> bool:
     """Swap the linear or embedding that owns `name` for its block-quantized form."""
     path = name.removesuffix(".weight")
     if path == name:
@@ -278,7 +278,7 @@ def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kern
 
 def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfig,
                       progress: Callable[[Iterator], Iterator] | None = None,
-                      kernels: QuantKernels | None = None) -> int:
+                      kernels: CpuKernels | None = None) -> int:
     """Fill `model` from the file; raises on a missing or misshapen weight. With `kernels`, linear
     and embedding weights stored as Q4_1 / Q8_0 stay in their blocks (`quant.blocks`); every other
     tensor is dequantized to the model's dtype. Returns the count of tensors kept quantized."""

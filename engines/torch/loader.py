@@ -34,7 +34,7 @@ from tokenrelay_engines.chat_template import (
 )
 from tokenrelay_engines.config import DEMO_MODEL, TorchEngineConfig
 from tokenrelay_engines.torch import gguf_loader
-from tokenrelay_engines.torch.quant.native import load_kernels
+from tokenrelay_engines.torch.kernels.native import CpuKernels
 from tokenrelay_engines.torch.gguf_tokenizer import byte_alphabet, tokenizer_from_gguf
 from tokenrelay_engines.torch.models import LlamaForCausalLM
 from tokenrelay_engines.torch.shapes import ModelConfig, named_shape
@@ -125,10 +125,13 @@ def byte_level_tokenizer() -> Tokenizer:
     return tok
 
 
-def load_model(config: TorchEngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(config: TorchEngineConfig, device: torch.device, dtype: torch.dtype,
+               kernels: CpuKernels | None = None) -> LoadedModel:
+    """`kernels`: the CPU kernels when loaded; GGUF Q4_1 / Q8_0 weights then stay in their blocks
+    (unless --quantization none)."""
     path = resolve_model_path(config)
     if path is not None and path.is_file():
-        return _load_gguf(config, path, device, dtype)
+        return _load_gguf(config, path, device, dtype, kernels if config.quantization == "auto" else None)
     model_dir = path
     if model_dir is None:
         shape = named_shape(config.dummy_shape)
@@ -171,7 +174,8 @@ def _empty_model(shape: ModelConfig, device: torch.device, dtype: torch.dtype) -
     return model
 
 
-def _load_gguf(config: TorchEngineConfig, path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(config: TorchEngineConfig, path: Path, device: torch.device, dtype: torch.dtype,
+               kernels: CpuKernels | None) -> LoadedModel:
     gguf = gguf_loader.GGUFFile(path)
     shape = gguf_loader.model_config_from_gguf(gguf)
     tokenizer, tok_info = tokenizer_from_gguf(gguf)
@@ -179,11 +183,10 @@ def _load_gguf(config: TorchEngineConfig, path: Path, device: torch.device, dtyp
     if config.load_format == "dummy":
         _init_dummy(model, config.seed, device)
     else:
-        kernels = load_kernels() if config.quantization == "auto" and device.type == "cpu" else None
         bar = gguf_loader.progress_bar(len(gguf.reader.tensors), f"loading {path.name}")
         kept = gguf_loader.load_gguf_weights(model, gguf, shape, progress=bar, kernels=kernels)
         if kept:
-            log.info("%s: %d weights kept block-quantized (Q4_1 / Q8_0, 8-bit activations; "
+            log.info("%s: %d weights kept block-quantized (Q4_1 / Q8_0, 16-bit integer activations; "
                      "--quantization none dequantizes them)", path.name, kept)
     model.eval()
     name = DEFAULT_MODEL_NAME if not config.model else path.stem

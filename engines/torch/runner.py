@@ -28,6 +28,7 @@ from tokenrelay_engines.torch.backends import default_attention, resolve_device
 from tokenrelay_engines.torch.cpu import configure_threads, cpu_has_native_bf16
 from tokenrelay_engines.torch.input_batch import InputBatch, StepInputs
 from tokenrelay_engines.torch.kv_cache import KVCache, size_num_blocks
+from tokenrelay_engines.torch.kernels.native import load_kernels
 from tokenrelay_engines.torch.loader import load_model, resolve_dtype
 from tokenrelay_engines.torch.sampler import Sampler, SamplingBatch
 
@@ -88,9 +89,14 @@ class ModelRunner:
             if dtype == "auto" and cpu_has_native_bf16():
                 dtype = "bfloat16"  # AMX / AVX-512 BF16: bf16 matmuls beat fp32 here
         self.dtype = resolve_dtype(dtype, self.device)
+        # C kernels (engines/torch/kernels/) for float32 CPU steps: GGUF block weights, RMSNorm,
+        # decode attention; None where they cannot run (then torch operators do it all)
+        self.kernels = load_kernels() if self.device.type == "cpu" and config.cpu_kernels else None
         with torch.inference_mode():
-            loaded = load_model(config, self.device, self.dtype)
+            loaded = load_model(config, self.device, self.dtype, self.kernels)
             loaded.model.fuse_projections(packed=self.device.type == "cpu")
+            if self.kernels is not None and self.dtype == torch.float32:
+                loaded.model.use_cpu_kernels(self.kernels)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer
@@ -98,7 +104,8 @@ class ModelRunner:
         self.num_blocks = size_num_blocks(self.model_config, self.block_size, self.dtype, self.device,
                                           config.kv_cache_memory_fraction, config.scheduler.num_blocks)
         self.kv_cache = KVCache(self.model_config, self.num_blocks, self.block_size, self.device, self.dtype)
-        self.attention: AttentionBackend = attention or default_attention(self.device)
+        self.attention: AttentionBackend = attention or default_attention(
+            self.device, self.kernels if self.dtype == torch.float32 else None)
         self.sampler = Sampler(self.device)
         context = self.model_config.context_length
         if config.scheduler.max_model_len:

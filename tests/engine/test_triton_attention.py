@@ -8,56 +8,24 @@ sit on, just before and just after block boundaries, and past one decode partiti
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from tokenrelay_engines.torch.attention import AttentionMetadata, TorchAttention  # noqa: E402
+from tokenrelay_engines.torch.attention import TorchAttention  # noqa: E402
 from tokenrelay_engines.torch.triton_attention import PARTITION, TritonAttention  # noqa: E402
+
+from .attention_batches import make_batch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-3
 
 
-def make_batch(seqs: list[tuple[int, int]], *, block_size: int, heads: int, kv_heads: int, head_dim: int,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """seqs: (query_len, context_len) per sequence. A random cache, random block tables, random queries."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    need = [-(-ctx // block_size) for _, ctx in seqs]
-    num_blocks = sum(need) + 3
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables = torch.zeros(len(seqs), max(need), dtype=torch.int64)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(pool[at:at + n])
-        at += n
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    total = sum(q for q, _ in seqs)
-    query = torch.randn(total, heads, head_dim, generator=gen)
-    cu = [0]
-    positions, slots = [], []
-    for i, (q_len, ctx) in enumerate(seqs):
-        cu.append(cu[-1] + q_len)
-        for pos in range(ctx - q_len, ctx):
-            positions.append(pos)
-            slots.append(int(tables[i, pos // block_size]) * block_size + pos % block_size)
-    to = lambda x: torch.as_tensor(x, dtype=torch.int64, device=DEVICE)  # noqa: E731
-    meta = AttentionMetadata(
-        positions=to(positions), slot_mapping=to(slots), block_tables=tables.to(DEVICE),
-        context_lens=to([c for _, c in seqs]), cu_seqlens_q=to(cu),
-        decode_seqs=to([i for i, (q, _) in enumerate(seqs) if q == 1]),
-        query_lens_host=[q for q, _ in seqs], context_lens_host=[c for _, c in seqs], block_size=block_size)
-    return query.to(DEVICE), kv.to(DEVICE), meta
-
-
 def check(seqs, *, block_size=16, heads=4, kv_heads=2, head_dim=32, seed=0, backend=None) -> None:
     query, kv, meta = make_batch(seqs, block_size=block_size, heads=heads, kv_heads=kv_heads,
-                                 head_dim=head_dim, seed=seed)
+                                 head_dim=head_dim, seed=seed, device=DEVICE)
     scale = head_dim ** -0.5
     want = TorchAttention().attend(query, kv, meta, scale)
     got = (backend or TritonAttention()).attend(query, kv, meta, scale)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata
-from tokenrelay_engines.torch.quant.blocks import BlockQuantLinear, BlockWeight
+from tokenrelay_engines.torch.kernels.blocks import BlockQuantLinear, BlockWeight
+from tokenrelay_engines.torch.kernels.native import CpuKernels
 from tokenrelay_engines.torch.shapes import ModelConfig, RopeScaling
 
 
@@ -24,14 +25,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, **factory), requires_grad=False)
         self.eps = eps
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.kernels is not None and x.dim() == 2 and x.is_contiguous():
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         if dtype == torch.float32:  # one fused op, bit-identical to the three-step form below in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's update and the next layer's
+        input in one pass. With the CPU kernels the sum is written into x (which the caller owns)."""
+        if residual is None:
+            return self(x), x
+        if self.kernels is not None and x.is_contiguous() and residual.is_contiguous():
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual=residual), x
+        x = x + residual
+        return self(x), x
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -198,10 +212,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, still without the previous layer's MLP output `residual` (None
+        in the first layer). Returns this layer's (MLP output, stream): adding them is left to the
+        next layer's first norm, or to the final norm."""
+        h, x = self.input_layernorm.add_forward(x, residual)
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, kv_cache, meta, backend))
+        return self.mlp(h), x
 
 
 class LlamaModel(nn.Module):
@@ -236,6 +255,13 @@ class LlamaForCausalLM(nn.Module):
         if packed:
             self.lm_head = _fused_linear((self.lm_head,), packed)
 
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        """Float32 on CPU: every RMSNorm (and residual add before it) through the C kernels."""
+        if self.config.hidden_size % 8 == 0:
+            for module in self.modules():
+                if isinstance(module, RMSNorm) and module.weight.shape[0] % 8 == 0:
+                    module.kernels = kernels
+
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -243,9 +269,10 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_caches[i], meta, backend)
-        return self.model.norm(x)
+            residual, x = layer(x, residual, cos, sin, kv_caches[i], meta, backend)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenrelay_engines.torch.quant.native import QuantKernels
+from tokenrelay_engines.torch.kernels.native import CpuKernels
 
 BLOCK = 32
 # GGUF type name -> bytes per block
@@ -78,12 +78,14 @@ class BlockWeight:
 
 
 class BlockQuantLinear(nn.Module):
-    """y = x @ W^T (+ bias), W in GGUF blocks; x is quantized to 8 bits per block of 32 on the fly.
+    """y = x @ W^T (+ bias), W in GGUF blocks; x is quantized to 16 bits per block of 32 on the fly.
 
     Float32 in and out of the kernels (other dtypes are converted at the edges); `dtype` is the
-    model's, for a float copy of the weight (`_fused_linear` when formats are mixed)."""
+    model's, for a float copy of the weight (`_fused_linear` when formats are mixed). A decode step
+    calls every linear layer once per token batch, so the call is kept lean: the C function and the
+    weight pointers are looked up once (and again after `.to()` and the like, see `_apply`)."""
 
-    def __init__(self, weight: BlockWeight, kernels: QuantKernels, bias: torch.Tensor | None = None,
+    def __init__(self, weight: BlockWeight, kernels: CpuKernels, bias: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.kind = weight.kind
@@ -93,6 +95,19 @@ class BlockQuantLinear(nn.Module):
         self.register_buffer("d", weight.d, persistent=False)
         self.register_buffer("m", weight.m, persistent=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self._bind()
+
+    def _bind(self) -> None:
+        self._fn = self.kernels.linear_fn(self.kind)
+        self._k, self._n = self.in_features, self.out_features
+        weights = (self.qs, self.d) if self.m is None else (self.qs, self.d, self.m)
+        self._weight_args = tuple(t.data_ptr() for t in weights)
+        self._has_bias = self.bias is not None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        out = super()._apply(fn, recurse)
+        self._bind()  # buffers may have moved
+        return out
 
     @property
     def weight(self) -> BlockWeight:
@@ -107,23 +122,18 @@ class BlockQuantLinear(nn.Module):
         return self.qs.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, n = self.in_features, self.out_features
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+        x2 = x if x.dim() == 2 else x.reshape(-1, self._k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
         rows = x2.shape[0]
-        xq = torch.empty((rows, k), dtype=torch.int8)
-        dx = torch.empty((rows, k // BLOCK), dtype=torch.float32)
-        sx = torch.empty_like(dx)
-        y = torch.empty((rows, n), dtype=torch.float32)
-        if rows:
-            self.kernels.quantize_q8(x2, xq, dx, sx)
-            if self.kind == "Q4_1":
-                self.kernels.q4_1_matmul(xq, dx, sx, self.qs, self.d, self.m, y)
-            else:
-                self.kernels.q8_0_matmul(xq, dx, self.qs, self.d, y)
-        if self.bias is not None:
+        y = torch.empty((rows, self._n), dtype=torch.float32)
+        if self._fn(x2.data_ptr(), rows, self._k, *self._weight_args, self._n, y.data_ptr()) != 0:
+            raise MemoryError(f"no memory for the activations of a {rows} x {self._k} block-quantized matmul")
+        if self._has_bias:
             y += self.bias
-        return y.to(x.dtype).view(*lead, n)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self._n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class BlockQuantEmbedding(nn.Module):

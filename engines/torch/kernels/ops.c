@@ -1,0 +1,155 @@
+/* The small float32 operations of a decoder step on x86-64 with AVX2 + FMA, one call each instead of
+ * several torch operators (at a few tokens per step their fixed costs, not arithmetic, dominate):
+ *
+ *   tr_rms_norm          out = x * rsqrt(mean(x^2) + eps) * w, row by row
+ *   tr_add_rms_norm      x += r (the residual stream, in place), then out = rms_norm(x)
+ *   tr_decode_attention  one query token per sequence against its paged K/V cache
+ *
+ * Rows / (sequence, KV head) pairs are split across OpenMP threads when there are enough of them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
+ * Taylor polynomial to r^7 (relative error below 2e-7), 2^n from the exponent bits. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* One row; H a multiple of 8. */
+static inline void rms_row(const float *x, int64_t H, const float *w, float eps, float *out) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        s0 = _mm256_fmadd_ps(a, a, s0);
+        s1 = _mm256_fmadd_ps(b, b, s1);
+    }
+    for (; i < H; i += 8) {
+        __m256 a = _mm256_loadu_ps(x + i);
+        s0 = _mm256_fmadd_ps(a, a, s0);
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum(_mm256_add_ps(s0, s1)) / (float)H + eps));
+    for (i = 0; i < H; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv), _mm256_loadu_ps(w + i)));
+}
+
+void tr_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float eps, float *out) {
+#pragma omp parallel for schedule(static) if (T * H >= 65536)
+    for (int64_t t = 0; t < T; t++) rms_row(x + t * H, H, w, eps, out + t * H);
+}
+
+void tr_add_rms_norm(float *x, const float *r, int64_t T, int64_t H, const float *w, float eps, float *out) {
+#pragma omp parallel for schedule(static) if (T * H >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * H;
+        const float *rr = r + t * H;
+        for (int64_t i = 0; i < H; i += 8)
+            _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(rr + i)));
+        rms_row(xr, H, w, eps, out + t * H);
+    }
+}
+
+/* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
+ * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 8, heads a
+ * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
+ * the running maximum subtracted; positions past a sequence's length are never read.
+ * Returns 0, or -1 when the score scratch cannot be allocated. */
+int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
+                        const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
+                        int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
+    int64_t group = heads / kv_heads, max_ctx = 0;
+    for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
+    int64_t plane = num_blocks * block_size * kv_heads * dim; /* K -> V */
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (D * kv_heads >= 4)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(group * (max_ctx + 8)));
+        if (scores == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < D * kv_heads; task++) {
+                int64_t s = task / kv_heads, h = task % kv_heads, ctx = context_lens[s];
+                const int64_t *table = block_tables + s * table_stride;
+                const float *qs = q + (s * heads + h * group) * dim;
+                for (int64_t p = 0; p < ctx; p++) {
+                    const float *k = kv + ((table[p / block_size] * block_size + p % block_size) * kv_heads + h) * dim;
+                    for (int64_t g = 0; g < group; g++) {
+                        __m256 acc = _mm256_setzero_ps();
+                        for (int64_t i = 0; i < dim; i += 8)
+                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * dim + i), _mm256_loadu_ps(k + i), acc);
+                        scores[g * ctx + p] = hsum(acc) * scale;
+                    }
+                }
+                for (int64_t g = 0; g < group; g++) {
+                    float *sc = scores + g * ctx;
+                    __m256 mx = _mm256_set1_ps(-INFINITY);
+                    int64_t p = 0;
+                    for (; p + 8 <= ctx; p += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + p));
+                    float m = hmax(mx);
+                    for (; p < ctx; p++) m = sc[p] > m ? sc[p] : m;
+                    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+                    for (p = 0; p + 8 <= ctx; p += 8) {
+                        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + p), mv));
+                        _mm256_storeu_ps(sc + p, e);
+                        sum = _mm256_add_ps(sum, e);
+                    }
+                    float total = hsum(sum);
+                    if (p < ctx) { /* the tail through one padded vector */
+                        float tail[8];
+                        for (int j = 0; j < 8; j++) tail[j] = p + j < ctx ? sc[p + j] - m : -87.0f;
+                        _mm256_storeu_ps(tail, exp_nonpositive(_mm256_loadu_ps(tail)));
+                        for (int j = 0; p + j < ctx; j++) sc[p + j] = tail[j], total += tail[j];
+                    }
+                    float inv = 1.0f / total;
+                    for (p = 0; p < ctx; p++) sc[p] *= inv;
+                }
+                float *o = out + (s * heads + h * group) * dim;
+                for (int64_t i = 0; i < group * dim; i++) o[i] = 0.0f;
+                for (int64_t p = 0; p < ctx; p++) {
+                    const float *v = kv + plane +
+                                     ((table[p / block_size] * block_size + p % block_size) * kv_heads + h) * dim;
+                    for (int64_t g = 0; g < group; g++) {
+                        __m256 w = _mm256_set1_ps(scores[g * ctx + p]);
+                        float *og = o + g * dim;
+                        for (int64_t i = 0; i < dim; i += 8)
+                            _mm256_storeu_ps(og + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
+                    }
+                }
+            }
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,69 @@
+"""The CPU C kernels for RMSNorm and decode attention (engines/torch/kernels/ops.c) against the
+torch operators they replace, and a whole model stepped with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenrelay_engines.torch.attention import CpuKernelAttention, TorchAttention
+from tokenrelay_engines.torch.kernels import native
+
+from .attention_batches import make_batch
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.CpuKernels:
+    reason = native.unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot run here: {reason}")
+    loaded = native.load_kernels()
+    assert loaded is not None
+    return loaded
+
+
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 8), (3, 576), (70, 64), (300, 2048)])
+def test_rms_norm_and_the_fused_residual_add(kernels, rows: int, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, r, w = torch.randn(rows, hidden, generator=gen) * 3, torch.randn(rows, hidden, generator=gen), torch.rand(hidden)
+    want = F.rms_norm(x, (hidden,), w, 1e-5)
+    assert torch.allclose(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-6)
+    stream = x.clone()
+    got = kernels.rms_norm(stream, w, 1e-5, residual=r)
+    assert torch.equal(stream, x + r)  # the residual stream is updated in place, exactly
+    assert torch.allclose(got, F.rms_norm(x + r, (hidden,), w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def check(kernels, seqs, *, block_size=16, heads=4, kv_heads=2, head_dim=32, seed=0) -> None:
+    query, kv, meta = make_batch(seqs, block_size=block_size, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, seed=seed)
+    scale = head_dim ** -0.5
+    want = TorchAttention().attend(query, kv, meta, scale)
+    got = CpuKernelAttention(kernels).attend(query, kv, meta, scale)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = (got - want).abs().max().item()
+    assert err < 1e-5, f"max abs error {err} for {seqs}"
+
+
+@pytest.mark.parametrize("ctxs", [[1, 15, 16, 17], [31, 32, 33, 48], [5, 64, 7, 2], [1000, 9]])
+def test_decode_attention_at_block_boundaries(kernels, ctxs) -> None:
+    check(kernels, [(1, c) for c in ctxs], seed=sum(ctxs))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 8, 16), (4, 1, 128)])
+def test_decode_attention_with_grouped_query_heads(kernels, heads: int, kv_heads: int, head_dim: int) -> None:
+    check(kernels, [(1, 40), (1, 3), (1, 129)], heads=heads, kv_heads=kv_heads, head_dim=head_dim, seed=heads)
+
+
+def test_decode_rows_mixed_with_prefill_chunks(kernels) -> None:
+    check(kernels, [(5, 20), (1, 17), (12, 12), (1, 1), (3, 40)], block_size=4, seed=7)
+
+
+def test_softmax_is_stable_for_large_scores(kernels) -> None:
+    query, kv, meta = make_batch([(1, 50), (1, 7)], block_size=8, heads=2, kv_heads=1, head_dim=16, seed=1)
+    query *= 300  # scores of thousands: e^x would overflow without the max subtracted
+    want = TorchAttention().attend(query, kv, meta, 0.25)
+    got = CpuKernelAttention(kernels).attend(query, kv, meta, 0.25)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() < 1e-4
