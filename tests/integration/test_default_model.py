@@ -35,7 +35,7 @@ BLOCK_SIZE = 8
 # Prompt lengths: inside one block, on and around block edges, and up to the capped context.
 LENGTHS = [3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40, 47, 48, 49, 52, 56, 60]
 MAX_TOKENS = 8
-AGREEMENT = 0.9  # measured: see the test's printout
+AGREEMENT = 0.97  # measured 160/160 (see the test's printout)
 PASSAGE = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
     "movable metal type, oil-based inks and a wooden press adapted from those used for wine. Books became "
@@ -173,10 +173,10 @@ def test_greedy_identical_to_transformers_alone_and_concurrently(capped_server, 
 
 
 def test_default_block_quantized_greedy_follows_transformers(default_server, hf_model, hf_tokenizer) -> None:
-    """The default server keeps the GGUF's Q4_1 / Q8_0 blocks and quantizes activations to 8 bits
-    (--quantization auto), so it is not token-exact: at each position (teacher-forced on our own
-    output) transformers' argmax must equal our token at least AGREEMENT of the time. Each row's
-    arithmetic is independent of the batch, so outputs alone and all at once are identical."""
+    """The default server keeps the GGUF's Q4_1 / Q8_0 blocks and rounds activations to 16 bits in
+    small matmuls (--quantization auto), so it is not token-exact: at each position (teacher-forced
+    on our own output) transformers' argmax must equal our token at least AGREEMENT of the time,
+    for prompts sent one at a time and all at once."""
     passage_ids = hf_tokenizer.encode(PASSAGE * 2)
     prompts = [passage_ids[:n] for n in LENGTHS]
     with Client(default_server.address, timeout=120) as client:
@@ -186,14 +186,14 @@ def test_default_block_quantized_greedy_follows_transformers(default_server, hf_
         alone = [run(i) for i in range(len(prompts))]
         with ThreadPoolExecutor(len(prompts)) as pool:
             together = list(pool.map(run, range(len(prompts))))
-    assert together == alone
-    same = total = 0
-    for prompt, output in zip(prompts, alone):
-        choices = _greedy_choices(hf_model, prompt, output)
-        same += sum(a == b for a, b in zip(choices, output))
-        total += len(output)
-    print(f"\nblock-quantized greedy: {same}/{total} positions agree with transformers")
-    assert same >= AGREEMENT * total, f"{same}/{total}"
+    for label, outputs in (("alone", alone), ("together", together)):
+        same = total = 0
+        for prompt, output in zip(prompts, outputs):
+            choices = _greedy_choices(hf_model, prompt, output)
+            same += sum(a == b for a, b in zip(choices, output))
+            total += len(output)
+        print(f"\nblock-quantized greedy, {label}: {same}/{total} positions agree with transformers")
+        assert same >= AGREEMENT * total, f"{label}: {same}/{total}"
 
 
 def test_chat_prompt_tokens_are_transformers_apply_chat_template(capped_server, hf_tokenizer) -> None:

@@ -210,3 +210,38 @@ int tr_q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const
     free(xq);
     return 0;
 }
+
+/* W[N, K] as float32, bit-identical to the reference dequantization (d * q is exact in float32, so
+ * fma(q, d, m) rounds once, as d * q + m does): for matmuls with many rows, which a BLAS runs
+ * faster than the integer path. */
+void tr_q4_1_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t N, int64_t K, float *w) {
+    int64_t nb = K / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N * nb; i++) {
+        __m256i q[2];
+        unpack_q4(qs + i * (QK / 2), q);
+        __m256 s = _mm256_set1_ps(d[i]), mn = _mm256_set1_ps(m[i]);
+        for (int h = 0; h < 2; h++) {
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1)));
+            _mm256_storeu_ps(w + i * QK + 16 * h, _mm256_fmadd_ps(lo, s, mn));
+            _mm256_storeu_ps(w + i * QK + 16 * h + 8, _mm256_fmadd_ps(hi, s, mn));
+        }
+    }
+}
+
+void tr_q8_0_dequantize(const int8_t *qs, const float *d, int64_t N, int64_t K, float *w) {
+    int64_t nb = K / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N * nb; i++) {
+        __m256i q[2];
+        unpack_q8(qs + i * QK, q);
+        __m256 s = _mm256_set1_ps(d[i]);
+        for (int h = 0; h < 2; h++) {
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1)));
+            _mm256_storeu_ps(w + i * QK + 16 * h, _mm256_mul_ps(lo, s));
+            _mm256_storeu_ps(w + i * QK + 16 * h + 8, _mm256_mul_ps(hi, s));
+        }
+    }
+}
