@@ -67,3 +67,13 @@ def test_softmax_is_stable_for_large_scores(kernels) -> None:
     got = CpuKernelAttention(kernels).attend(query, kv, meta, 0.25)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("rows", "inter"), [(1, 8), (5, 1536), (64, 256)])
+def test_silu_mul_of_the_fused_gate_up_projection(kernels, rows: int, inter: int) -> None:
+    gate_up = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 8
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = kernels.silu_mul(gate_up)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.silu(gate) * up, rtol=1e-5, atol=1e-6)

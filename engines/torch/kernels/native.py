@@ -44,6 +44,7 @@ _SIGNATURES = {
     "tr_q4_1_dequantize": [_P, _P, _P, _I, _I, _P],
     "tr_q8_0_dequantize": [_P, _P, _I, _I, _P],
     "tr_rms_norm": [_P, _I, _I, _P, _F, _P],
+    "tr_silu_mul": [_P, _I, _I, _P],
     "tr_add_rms_norm": [_P, _P, _I, _I, _P, _F, _P],
     "tr_decode_attention": [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _F, _P],
 }
@@ -87,6 +88,13 @@ class CpuKernels:
         else:
             self.library.tr_add_rms_norm(x.data_ptr(), residual.data_ptr(), x.shape[0], x.shape[1],
                                          weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from gate_up float32 [T, 2I] contiguous (I % 8 == 0) -> [T, I]."""
+        rows, width = gate_up.shape
+        out = torch.empty((rows, width // 2), dtype=torch.float32)
+        self.library.tr_silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
         return out
 
     def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

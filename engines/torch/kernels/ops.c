@@ -3,6 +3,7 @@
  *
  *   tr_rms_norm          out = x * rsqrt(mean(x^2) + eps) * w, row by row
  *   tr_add_rms_norm      x += r (the residual stream, in place), then out = rms_norm(x)
+ *   tr_silu_mul          out = silu(gate) * up from the fused [gate | up] projection
  *   tr_decode_attention  one query token per sequence against its paged K/V cache
  *
  * Rows / (sequence, KV head) pairs are split across OpenMP threads when there are enough of them.
@@ -77,6 +78,24 @@ void tr_add_rms_norm(float *x, const float *r, int64_t T, int64_t H, const float
         for (int64_t i = 0; i < H; i += 8)
             _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(rr + i)));
         rms_row(xr, H, w, eps, out + t * H);
+    }
+}
+
+/* out[T, I] = silu(gu[T, :I]) * gu[T, I:], I a multiple of 8; silu(x) = x * sigmoid(x), with
+ * sigmoid from e = e^-|x| (never overflows): 1 / (1 + e) for x >= 0, e / (1 + e) below. */
+void tr_silu_mul(const float *gu, int64_t T, int64_t I, float *out) {
+#pragma omp parallel for schedule(static) if (T * I >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+        for (int64_t i = 0; i < I; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i);
+            __m256 e = exp_nonpositive(_mm256_or_ps(x, sign)); /* e^-|x| */
+            __m256 num = _mm256_blendv_ps(one, e, x);          /* x's sign bit picks e */
+            __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+        }
     }
 }
 

@@ -190,6 +190,7 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False, **factory)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False, **factory)
         self.gate_up_proj: nn.Module | None = None  # set by fuse()
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.use_cpu_kernels
 
     def fuse(self, packed: bool) -> None:
         self.gate_up_proj = _fused_linear((self.gate_proj, self.up_proj), packed)
@@ -199,7 +200,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.kernels is not None and gate_up.dim() == 2 and gate_up.is_contiguous():
+                return self.down_proj(self.kernels.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -256,11 +260,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _fused_linear((self.lm_head,), packed)
 
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
-        """Float32 on CPU: every RMSNorm (and residual add before it) through the C kernels."""
-        if self.config.hidden_size % 8 == 0:
-            for module in self.modules():
-                if isinstance(module, RMSNorm) and module.weight.shape[0] % 8 == 0:
-                    module.kernels = kernels
+        """Float32 on CPU: every RMSNorm (and residual add before it) and the MLP's silu(gate) * up
+        through the C kernels."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and module.weight.shape[0] % 8 == 0:
+                module.kernels = kernels
+            elif isinstance(module, LlamaMLP) and self.config.intermediate_size % 8 == 0:
+                module.kernels = kernels
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
