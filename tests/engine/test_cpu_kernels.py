@@ -77,3 +77,56 @@ def test_silu_mul_of_the_fused_gate_up_projection(kernels, rows: int, inter: int
     got = kernels.silu_mul(gate_up)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_and_kv_store_match_the_torch_path(kernels) -> None:
+    from tokenrelay_engines.torch.models.llama import RotaryEmbedding, apply_rope
+    from tokenrelay_engines.torch.shapes import ModelConfig
+
+    heads, kv_heads, dim, blocks, block_size = 4, 2, 32, 6, 4
+    config = ModelConfig(model_type="llama", vocab_size=16, hidden_size=heads * dim, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=dim, max_position_embeddings=64)
+    positions = torch.tensor([0, 5, 17, 3])
+    cos, sin = RotaryEmbedding(config, "cpu")(positions, torch.float32)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim)
+    slots = torch.tensor([2, 9, 23, 0])
+    got_cache = torch.zeros(2, blocks, block_size, kv_heads, dim)
+    q = kernels.rope_store_kv(qkv, heads, kv_heads, cos, sin, slots, got_cache)
+    qw, kw, vw = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    assert torch.equal(q, apply_rope(qw.reshape(4, heads, dim), cos, sin))  # same operations, same floats
+    want_cache = torch.zeros_like(got_cache)
+    flat = want_cache.view(2, blocks * block_size, kv_heads, dim)
+    flat[0, slots] = apply_rope(kw.reshape(4, kv_heads, dim), cos, sin)
+    flat[1, slots] = vw.reshape(4, kv_heads, dim)
+    assert torch.equal(got_cache, want_cache)
+
+
+def test_a_model_steps_the_same_with_and_without_the_kernels(kernels, tmp_path) -> None:
+    from tokenrelay_engines.base import SamplingParams
+    from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig
+    from tokenrelay_engines.torch.runner import ModelRunner
+
+    from .driver import make_seq, run_to_completion
+    from .model_factory import build_model_dir
+
+    build_model_dir(tmp_path / "tiny", "llama")
+    prompts = [[1, 17, 33, 99, 200, 7, 8], [1, *range(60, 97)], [1, 300]]
+
+    def run(cpu_kernels: bool) -> tuple[ModelRunner, list[list[tuple[int, float]]]]:
+        runner = ModelRunner(TorchEngineConfig(model=str(tmp_path / "tiny"), device="cpu", dtype="float32",
+                                               cpu_kernels=cpu_kernels,
+                                               scheduler=SchedulerConfig(block_size=4, num_blocks=96)))
+        seqs = [make_seq(f"r{i}", p, SamplingParams(temperature=0.0, logprobs=1), max_tokens=12)
+                for i, p in enumerate(prompts)]
+        out = run_to_completion(runner, seqs, chunk_size=5)
+        return runner, [out[f"r{i}"] for i in range(len(prompts))]
+
+    fast, with_kernels = run(True)
+    slow, without = run(False)
+    assert isinstance(fast.attention, CpuKernelAttention) and not isinstance(slow.attention, CpuKernelAttention)
+    assert fast.model.model.layers[0].self_attn.kernels is not None  # the fused rope + cache write ran
+    assert slow.model.model.layers[0].self_attn.kernels is None
+    for a, b in zip(with_kernels, without):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert all(abs(x.logprob - y.logprob) < 1e-4 for (_, x), (_, y) in zip(a, b))

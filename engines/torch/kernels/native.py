@@ -32,7 +32,7 @@ from tokenrelay_engines.torch.cpu import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("matmul.c", "ops.c"))
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")  # fma only where written
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -45,6 +45,7 @@ _SIGNATURES = {
     "tr_q8_0_dequantize": [_P, _P, _I, _I, _P],
     "tr_rms_norm": [_P, _I, _I, _P, _F, _P],
     "tr_silu_mul": [_P, _I, _I, _P],
+    "tr_rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "tr_add_rms_norm": [_P, _P, _I, _I, _P, _F, _P],
     "tr_decode_attention": [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _F, _P],
 }
@@ -96,6 +97,19 @@ class CpuKernels:
         out = torch.empty((rows, width // 2), dtype=torch.float32)
         self.library.tr_silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
         return out
+
+    def rope_store_kv(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
+                      sin_folded: torch.Tensor, slots: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """From qkv float32 [T, (heads + 2 kv_heads) * dim]: rotary q [T, heads, dim] returned,
+        rotary k and v written to kv_cache [2, blocks, block_size, kv_heads, dim] at `slots` (int64
+        [T]); cos, sin_folded float32 [T, dim] (see models/llama.py apply_rope). All contiguous."""
+        rows = qkv.shape[0]
+        dim = kv_cache.shape[-1]
+        q = torch.empty((rows, heads, dim), dtype=torch.float32)
+        self.library.tr_rope_store_kv(qkv.data_ptr(), rows, heads, kv_heads, dim, cos.data_ptr(),
+                                      sin_folded.data_ptr(), slots.data_ptr(), kv_cache.data_ptr(),
+                                      kv_cache[0].numel(), q.data_ptr())
+        return q
 
     def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -4,6 +4,8 @@
  *   tr_rms_norm          out = x * rsqrt(mean(x^2) + eps) * w, row by row
  *   tr_add_rms_norm      x += r (the residual stream, in place), then out = rms_norm(x)
  *   tr_silu_mul          out = silu(gate) * up from the fused [gate | up] projection
+ *   tr_rope_store_kv     rotary embedding of q and k from the fused [q | k | v] projection, k and v
+ *                        written to their cache slots
  *   tr_decode_attention  one query token per sequence against its paged K/V cache
  *
  * Rows / (sequence, KV head) pairs are split across OpenMP threads when there are enough of them.
@@ -99,6 +101,39 @@ void tr_silu_mul(const float *gu, int64_t T, int64_t I, float *out) {
     }
 }
 
+/* x * cos + rotate_half(x) * sin for one head, rotate_half(x) = [-x2 | x1] with the sign folded into
+ * sin_folded = [-sin | sin]: the same multiplies and add as the torch form, so the same floats. */
+static inline void rope_head(const float *x, const float *cos, const float *sin_folded, int64_t dim, float *out) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i += 8) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(cos + i)),
+                                                _mm256_mul_ps(b, _mm256_loadu_ps(sin_folded + i))));
+        _mm256_storeu_ps(out + half + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(cos + half + i)),
+                                                       _mm256_mul_ps(a, _mm256_loadu_ps(sin_folded + half + i))));
+    }
+}
+
+/* qkv [T, (heads + 2 kv_heads) * dim]; cos, sin_folded [T, dim]; slots [T] (block * block_size +
+ * offset); kv [2, slots, kv_heads, dim] with `plane` floats from K to V. Writes q_out [T, heads, dim]
+ * and the step's K/V. dim a multiple of 16. */
+void tr_rope_store_kv(const float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_t dim,
+                      const float *cos, const float *sin_folded, const int64_t *slots, float *kv, int64_t plane,
+                      float *q_out) {
+    int64_t width = (heads + 2 * kv_heads) * dim;
+#pragma omp parallel for schedule(static) if (T * width >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = qkv + t * width, *c = cos + t * dim, *s = sin_folded + t * dim;
+        for (int64_t h = 0; h < heads; h++) rope_head(row + h * dim, c, s, dim, q_out + (t * heads + h) * dim);
+        float *k = kv + slots[t] * kv_heads * dim, *v = k + plane;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            rope_head(row + (heads + h) * dim, c, s, dim, k + h * dim);
+            const float *vs = row + (heads + kv_heads + h) * dim;
+            for (int64_t i = 0; i < dim; i += 8) _mm256_storeu_ps(v + h * dim + i, _mm256_loadu_ps(vs + i));
+        }
+    }
+}
+
 /* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
  * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 8, heads a
  * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
@@ -111,7 +146,7 @@ int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_hea
     for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
     int64_t plane = num_blocks * block_size * kv_heads * dim; /* K -> V */
     int failed = 0;
-#pragma omp parallel reduction(| : failed) if (D * kv_heads >= 4)
+#pragma omp parallel reduction(| : failed) if (D * kv_heads >= 2)
     {
         float *scores = malloc(sizeof(float) * (size_t)(group * (max_ctx + 8)));
         if (scores == NULL) {
@@ -122,13 +157,17 @@ int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_hea
                 int64_t s = task / kv_heads, h = task % kv_heads, ctx = context_lens[s];
                 const int64_t *table = block_tables + s * table_stride;
                 const float *qs = q + (s * heads + h * group) * dim;
-                for (int64_t p = 0; p < ctx; p++) {
-                    const float *k = kv + ((table[p / block_size] * block_size + p % block_size) * kv_heads + h) * dim;
-                    for (int64_t g = 0; g < group; g++) {
-                        __m256 acc = _mm256_setzero_ps();
-                        for (int64_t i = 0; i < dim; i += 8)
-                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * dim + i), _mm256_loadu_ps(k + i), acc);
-                        scores[g * ctx + p] = hsum(acc) * scale;
+                for (int64_t p0 = 0; p0 < ctx; p0 += block_size) { /* block by block: no divisions */
+                    const float *kb = kv + (table[p0 / block_size] * block_size * kv_heads + h) * dim;
+                    int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
+                    for (int64_t j = 0; j < end; j++) {
+                        const float *k = kb + j * kv_heads * dim;
+                        for (int64_t g = 0; g < group; g++) {
+                            __m256 acc = _mm256_setzero_ps();
+                            for (int64_t i = 0; i < dim; i += 8)
+                                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * dim + i), _mm256_loadu_ps(k + i), acc);
+                            scores[g * ctx + p0 + j] = hsum(acc) * scale;
+                        }
                     }
                 }
                 for (int64_t g = 0; g < group; g++) {
@@ -156,14 +195,18 @@ int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_hea
                 }
                 float *o = out + (s * heads + h * group) * dim;
                 for (int64_t i = 0; i < group * dim; i++) o[i] = 0.0f;
-                for (int64_t p = 0; p < ctx; p++) {
-                    const float *v = kv + plane +
-                                     ((table[p / block_size] * block_size + p % block_size) * kv_heads + h) * dim;
-                    for (int64_t g = 0; g < group; g++) {
-                        __m256 w = _mm256_set1_ps(scores[g * ctx + p]);
-                        float *og = o + g * dim;
-                        for (int64_t i = 0; i < dim; i += 8)
-                            _mm256_storeu_ps(og + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
+                for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+                    const float *vb = kv + plane + (table[p0 / block_size] * block_size * kv_heads + h) * dim;
+                    int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
+                    for (int64_t j = 0; j < end; j++) {
+                        const float *v = vb + j * kv_heads * dim;
+                        for (int64_t g = 0; g < group; g++) {
+                            __m256 w = _mm256_set1_ps(scores[g * ctx + p0 + j]);
+                            float *og = o + g * dim;
+                            for (int64_t i = 0; i < dim; i += 8)
+                                _mm256_storeu_ps(og + i,
+                                                 _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
+                        }
                     }
                 }
             }

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata
+from tokenrelay_engines.torch.attention import AttentionBackend, AttentionMetadata, CpuKernelAttention
 from tokenrelay_engines.torch.kernels.blocks import BlockQuantLinear, BlockWeight
 from tokenrelay_engines.torch.kernels.native import CpuKernels
 from tokenrelay_engines.torch.shapes import ModelConfig, RopeScaling
@@ -149,6 +149,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.use_cpu_kernels
         self._split = (q_size, kv_size, kv_size)
 
     def fuse(self, packed: bool) -> None:
@@ -161,6 +162,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
+        if self.kernels is not None and isinstance(backend, CpuKernelAttention):
+            # rotary q and k, and the K/V cache write, in one C call over the fused projection
+            q = self.kernels.rope_store_kv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, cos, sin,
+                                           meta.slot_mapping, kv_cache)
+            return self.o_proj(backend.attend(q, kv_cache, meta, self.scale).view(t, -1))
         if self.qkv_proj is not None and self.q_norm is None:
             # q and k are adjacent in the fused output: rotate both heads at once
             qk, v = self.qkv_proj(x).split((self._split[0] + self._split[1], self._split[2]), dim=-1)
@@ -260,12 +266,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _fused_linear((self.lm_head,), packed)
 
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
-        """Float32 on CPU: every RMSNorm (and residual add before it) and the MLP's silu(gate) * up
-        through the C kernels."""
+        """Float32 on CPU: every RMSNorm (and residual add before it), the MLP's silu(gate) * up,
+        and rotary embedding + K/V cache write (with CpuKernelAttention) through the C kernels."""
         for module in self.modules():
             if isinstance(module, RMSNorm) and module.weight.shape[0] % 8 == 0:
                 module.kernels = kernels
             elif isinstance(module, LlamaMLP) and self.config.intermediate_size % 8 == 0:
+                module.kernels = kernels
+            elif (isinstance(module, LlamaAttention) and module.qkv_proj is not None and module.q_norm is None
+                  and self.config.head_dim % 16 == 0):
                 module.kernels = kernels
 
     def tie_weights(self) -> None:
