@@ -170,14 +170,14 @@ class TorchAttention:
 class CpuKernelAttention(TorchAttention):
     """TorchAttention with the decode rows attended by one C call per layer (kernels/ops.c), which
     reads K/V in place from the paged cache (no block copies, no padding mask). Float32 only, head
-    dims a multiple of 8; prefill chunks stay with SDPA."""
+    dims a multiple of 16; prefill chunks stay with SDPA."""
 
     def __init__(self, kernels: CpuKernels) -> None:
         self.kernels = kernels
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        if q.dtype != torch.float32 or q.shape[-1] % 8 or kv_cache.dtype != torch.float32:
+        if q.dtype != torch.float32 or q.shape[-1] % 16 or kv_cache.dtype != torch.float32:
             return super()._decode(q, kv_cache, meta, scale)
         if meta.decode_rows is None:
             rows = meta.decode_seqs

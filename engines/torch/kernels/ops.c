@@ -134,81 +134,95 @@ void tr_rope_store_kv(const float *qkv, int64_t T, int64_t heads, int64_t kv_hea
     }
 }
 
+/* One query head against positions [0, ctx) of a sequence's K (block by block, no divisions):
+ * scores[p] = q . k_p * scale. dim a multiple of 16 (64 and 128 in practice). */
+static void head_scores(const float *q, const float *kv, const int64_t *table, int64_t ctx, int64_t block_size,
+                        int64_t row_stride, int64_t dim, float scale, float *scores) {
+    for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+        const float *kb = kv + table[p0 / block_size] * block_size * row_stride;
+        int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
+        for (int64_t j = 0; j < end; j++) {
+            const float *k = kb + j * row_stride;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;  /* two chains: half the FMA latency per dot */
+            for (int64_t i = 0; i < dim; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+            }
+            scores[p0 + j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+}
+
+/* scores[0, ctx) -> softmax in place (running maximum subtracted, float32). */
+static void softmax(float *sc, int64_t ctx) {
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    int64_t p = 0;
+    for (; p + 8 <= ctx; p += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + p));
+    float m = hmax(mx);
+    for (; p < ctx; p++) m = sc[p] > m ? sc[p] : m;
+    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+    for (p = 0; p + 8 <= ctx; p += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + p), mv));
+        _mm256_storeu_ps(sc + p, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    if (p < ctx) { /* the tail through one padded vector */
+        float tail[8];
+        for (int j = 0; j < 8; j++) tail[j] = p + j < ctx ? sc[p + j] - m : -87.0f;
+        _mm256_storeu_ps(tail, exp_nonpositive(_mm256_loadu_ps(tail)));
+        for (int j = 0; p + j < ctx; j++) sc[p + j] = tail[j], total += tail[j];
+    }
+    float inv = 1.0f / total;
+    for (p = 0; p < ctx; p++) sc[p] *= inv;
+}
+
+/* out[0, dim) = sum_p weights[p] * v_p, with dim <= 128 held in registers (16 vectors). */
+static void head_values(const float *weights, const float *kv, const int64_t *table, int64_t ctx,
+                        int64_t block_size, int64_t row_stride, int64_t dim, float *out) {
+    for (int64_t i0 = 0; i0 < dim; i0 += 64) { /* 64 dims (8 vectors) of accumulators at a time */
+        int64_t n = dim - i0 < 64 ? (dim - i0) / 8 : 8;
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+            const float *vb = kv + table[p0 / block_size] * block_size * row_stride + i0;
+            int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
+            for (int64_t j = 0; j < end; j++) {
+                __m256 w = _mm256_set1_ps(weights[p0 + j]);
+                const float *v = vb + j * row_stride;
+                for (int i = 0; i < 8; i++)
+                    if (i < n) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+            }
+        }
+        for (int i = 0; i < n; i++) _mm256_storeu_ps(out + i0 + 8 * i, acc[i]);
+    }
+}
+
 /* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
- * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 8, heads a
+ * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 16, heads a
  * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
  * the running maximum subtracted; positions past a sequence's length are never read.
  * Returns 0, or -1 when the score scratch cannot be allocated. */
 int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
                         const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
                         int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
-    int64_t group = heads / kv_heads, max_ctx = 0;
+    int64_t group = heads / kv_heads, max_ctx = 0, row_stride = kv_heads * dim;
     for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
-    int64_t plane = num_blocks * block_size * kv_heads * dim; /* K -> V */
+    int64_t plane = num_blocks * block_size * row_stride; /* K -> V */
     int failed = 0;
-#pragma omp parallel reduction(| : failed) if (D * kv_heads >= 2)
+#pragma omp parallel reduction(| : failed) if (D * heads >= 2)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(group * (max_ctx + 8)));
+        float *scores = malloc(sizeof(float) * (size_t)(max_ctx + 8));
         if (scores == NULL) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < D * kv_heads; task++) {
-                int64_t s = task / kv_heads, h = task % kv_heads, ctx = context_lens[s];
+            for (int64_t task = 0; task < D * heads; task++) { /* (sequence, query head) */
+                int64_t s = task / heads, h = task % heads, kvh = h / group, ctx = context_lens[s];
                 const int64_t *table = block_tables + s * table_stride;
-                const float *qs = q + (s * heads + h * group) * dim;
-                for (int64_t p0 = 0; p0 < ctx; p0 += block_size) { /* block by block: no divisions */
-                    const float *kb = kv + (table[p0 / block_size] * block_size * kv_heads + h) * dim;
-                    int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
-                    for (int64_t j = 0; j < end; j++) {
-                        const float *k = kb + j * kv_heads * dim;
-                        for (int64_t g = 0; g < group; g++) {
-                            __m256 acc = _mm256_setzero_ps();
-                            for (int64_t i = 0; i < dim; i += 8)
-                                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * dim + i), _mm256_loadu_ps(k + i), acc);
-                            scores[g * ctx + p0 + j] = hsum(acc) * scale;
-                        }
-                    }
-                }
-                for (int64_t g = 0; g < group; g++) {
-                    float *sc = scores + g * ctx;
-                    __m256 mx = _mm256_set1_ps(-INFINITY);
-                    int64_t p = 0;
-                    for (; p + 8 <= ctx; p += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + p));
-                    float m = hmax(mx);
-                    for (; p < ctx; p++) m = sc[p] > m ? sc[p] : m;
-                    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
-                    for (p = 0; p + 8 <= ctx; p += 8) {
-                        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + p), mv));
-                        _mm256_storeu_ps(sc + p, e);
-                        sum = _mm256_add_ps(sum, e);
-                    }
-                    float total = hsum(sum);
-                    if (p < ctx) { /* the tail through one padded vector */
-                        float tail[8];
-                        for (int j = 0; j < 8; j++) tail[j] = p + j < ctx ? sc[p + j] - m : -87.0f;
-                        _mm256_storeu_ps(tail, exp_nonpositive(_mm256_loadu_ps(tail)));
-                        for (int j = 0; p + j < ctx; j++) sc[p + j] = tail[j], total += tail[j];
-                    }
-                    float inv = 1.0f / total;
-                    for (p = 0; p < ctx; p++) sc[p] *= inv;
-                }
-                float *o = out + (s * heads + h * group) * dim;
-                for (int64_t i = 0; i < group * dim; i++) o[i] = 0.0f;
-                for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
-                    const float *vb = kv + plane + (table[p0 / block_size] * block_size * kv_heads + h) * dim;
-                    int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
-                    for (int64_t j = 0; j < end; j++) {
-                        const float *v = vb + j * kv_heads * dim;
-                        for (int64_t g = 0; g < group; g++) {
-                            __m256 w = _mm256_set1_ps(scores[g * ctx + p0 + j]);
-                            float *og = o + g * dim;
-                            for (int64_t i = 0; i < dim; i += 8)
-                                _mm256_storeu_ps(og + i,
-                                                 _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
-                        }
-                    }
-                }
+                head_scores(q + task * dim, kv + kvh * dim, table, ctx, block_size, row_stride, dim, scale, scores);
+                softmax(scores, ctx);
+                head_values(scores, kv + plane + kvh * dim, table, ctx, block_size, row_stride, dim, out + task * dim);
             }
             free(scores);
         }
