@@ -34,3 +34,16 @@ class TinyModels:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return TinyModels(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    """The CPU C kernels (engines/torch/kernels/); the test skips where they cannot run."""
+    from tokenrelay_engines.torch.kernels import native
+
+    reason = native.unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot run here: {reason}")
+    loaded = native.load_kernels()
+    assert loaded is not None, "the kernels should build on a machine with AVX2, FMA and a C compiler"
+    return loaded

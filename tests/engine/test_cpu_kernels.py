@@ -8,19 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenrelay_engines.torch.attention import CpuKernelAttention, TorchAttention
-from tokenrelay_engines.torch.kernels import native
 
 from .attention_batches import make_batch
-
-
-@pytest.fixture(scope="module")
-def kernels() -> native.CpuKernels:
-    reason = native.unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"the CPU kernels cannot run here: {reason}")
-    loaded = native.load_kernels()
-    assert loaded is not None
-    return loaded
 
 
 @pytest.mark.parametrize(("rows", "hidden"), [(1, 8), (3, 576), (70, 64), (300, 2048)])

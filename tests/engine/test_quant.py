@@ -26,16 +26,6 @@ from .model_factory import build_model_dir  # noqa: E402
 KINDS = ("Q4_1", "Q8_0")
 
 
-@pytest.fixture(scope="module")
-def kernels() -> native.CpuKernels:
-    reason = native.unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"block-quantized kernels cannot run here: {reason}")
-    loaded = native.load_kernels()
-    assert loaded is not None, "the kernels should build on a machine with AVX2, FMA and a C compiler"
-    return loaded
-
-
 def _blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[BlockWeight, np.ndarray]:
     """Random weights quantized by gguf itself; returns the blocks and gguf's dequantized floats."""
     rng = np.random.default_rng(seed)
