@@ -84,6 +84,14 @@ class StoppingCriteria:
         _require(all(self.stop), "stopping.stop", "stop strings must be non-empty")
 
 
+class OutputKind(enum.Enum):
+    """What a request's stream yields (the field's RequestOutputKind)."""
+
+    DELTA = "delta"  # one delta per engine step (coalesced while the consumer lags), then the final
+    FINAL_ONLY = "final_only"  # the caller wants the whole result only: an engine may yield just the
+    #                            final output, carrying every token, the text and logprobs
+
+
 @dataclass(slots=True)
 class Request:
     """One generation request as the engine sees it. The prompt is already tokenized."""
@@ -95,6 +103,7 @@ class Request:
     priority: int = 0  # lower runs first
     arrival_time: float = 0.0  # time.monotonic() when the server received it
     deadline: float | None = None  # time.monotonic() after which the engine finishes it (DEADLINE)
+    output_kind: OutputKind = OutputKind.DELTA
 
     def __post_init__(self) -> None:
         _require(bool(self.request_id), "request_id", "must be non-empty")

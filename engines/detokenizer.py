@@ -21,6 +21,16 @@ _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5  # prompt tokens decoded as left context (spacing, merges)
 
 
+def decode_output(tokenizer: Tokenizer, prompt_token_ids: Seq[int], output_ids: Seq[int],
+                  skip_special_tokens: bool = True) -> str:
+    """The text of a whole output at once: what `IncrementalDetokenizer` releases token by token
+    (with no stop strings), in two decode calls (the same prompt tokens as left context)."""
+    context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+    prefix = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(context + list(output_ids), skip_special_tokens=skip_special_tokens)
+    return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
 class IncrementalDetokenizer:
     """Text view of one sequence's output tokens, with its stop strings (the front end's output processor)."""
 

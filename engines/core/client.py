@@ -73,6 +73,7 @@ class EngineCoreClient:
         self._encoder = FrameEncoder()
         self._decoder = core_message_decoder()
         self._in_flight: dict[str, str] = {}  # caller's request id -> core id
+        self._id_prefix = ""  # the core's prefix for this front end's request ids (from Hello)
         self._next_id = 0
         self._calls: dict[int, asyncio.Future] = {}
         self._stats = EngineStats(0, 0, 0, 0)
@@ -103,6 +104,7 @@ class EngineCoreClient:
         if not isinstance(hello, Hello):
             raise RuntimeError(f"the engine core answered {type(hello).__name__} before Hello")
         self._info = hello.model_info
+        self._id_prefix = hello.id_prefix
         self._limits = EngineLimits(hello.model_info, hello.num_blocks, hello.block_size)
         self._tokenizer = Tokenizer.from_str(hello.tokenizer_json)
         self._processor = OutputProcessor(self._tokenizer)
@@ -167,8 +169,9 @@ class EngineCoreClient:
 
     def _on_step(self, step: StepOutputs) -> None:
         assert self._processor is not None
-        self._stats = step.stats
-        deliveries, aborts = self._processor.process(step.updates, step.num_new_tokens)
+        if step.stats is not None:
+            self._stats = step.stats
+        deliveries, aborts = self._processor.process(step)
         if aborts:
             self._send(Abort(aborts))  # finished by a stop string: the core frees them
         self._processor.deliver(deliveries)
@@ -244,7 +247,7 @@ class EngineCoreClient:
         if request.sampling.seed is None:
             request = dataclasses.replace(
                 request, sampling=dataclasses.replace(request.sampling, seed=self._rng.getrandbits(63)))
-        core_id = str(self._next_id)
+        core_id = f"{self._id_prefix}{self._next_id}"
         self._next_id += 1
         slot = OutputSlot(self._loop)
         self._processor.add(core_id, request, slot)
