@@ -13,12 +13,19 @@ inside a sequence's tokens and blocks.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
 from tokenrelay_engines.scheduler.sequence import ScheduledChunk, Sequence, SequenceStatus
 
+
+_SEQ = operator.attrgetter("seq")
+_START = operator.attrgetter("start")
+_NUM_NEW = operator.attrgetter("num_new_tokens")
+_BLOCK_TABLE = operator.attrgetter("block_table")
+_TOKEN_IDS = operator.attrgetter("token_ids")
 
 
 def step_seeds(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -43,6 +50,7 @@ class StepInputs:
     decode_idx: np.ndarray
     logits_idx: np.ndarray
     query_lens: list[int]
+    decode_only: bool  # every query length is 1
     context_lens_host: list[int]
     sample_rows: np.ndarray  # input-batch rows of the chunks that sample, in chunk order
     sample_ends: np.ndarray  # their ends (= their sequences' lengths)
@@ -170,32 +178,34 @@ class InputBatch:
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Every index array of the step, from the chunks' rows, starts, lengths and new tokens."""
-        # Column by column (comprehensions and numpy): no per-chunk Python loop on the common path.
+        # Column by column (map over C-level getters, and numpy): no per-chunk Python loop on the
+        # common path.
         row_of_seq, num_blocks = self._row_of_seq, self._num_blocks
         n = len(chunks)
-        seqs = [c.seq for c in chunks]
-        starts = [c.start for c in chunks]
-        lens = [c.num_new_tokens for c in chunks]
-        rows = [row_of_seq.get(seq) for seq in seqs]
+        seqs = list(map(_SEQ, chunks))
+        starts = list(map(_START, chunks))
+        lens = list(map(_NUM_NEW, chunks))
+        rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
-        lengths = [len(seq.block_table) for seq in seqs]
-        if lengths != [num_blocks[row] for row in rows]:  # blocks added since the last step
+        lengths = list(map(len, map(_BLOCK_TABLE, seqs)))
+        if lengths != list(map(num_blocks.__getitem__, rows)):  # blocks added since the last step
             for seq, row, length in zip(seqs, rows, lengths):
                 if length != num_blocks[row]:
                     self._write_blocks(row, seq.block_table)
+        token_lists = list(map(_TOKEN_IDS, seqs))
         all_single = lens.count(1) == n
         if all_single:
-            ids = [seq.token_ids[start] for seq, start in zip(seqs, starts)]
+            ids = list(map(operator.getitem, token_lists, starts))
         else:
             ids = []
-            for seq, start, length in zip(seqs, starts, lens):
-                ids.extend(seq.token_ids[start:start + length])
+            for tokens, start, length in zip(token_lists, starts, lens):
+                ids.extend(tokens[start:start + length])
         bs = self.block_size
         rows_a = np.array(rows, np.int64)
         starts_a = np.array(starts, np.int64)
         ends = starts_a + (1 if all_single else np.array(lens, np.int64))
-        sample_a = np.nonzero(ends == np.array([len(seq.token_ids) for seq in seqs], np.int64))[0]
+        sample_a = np.nonzero(ends == np.array(list(map(len, token_lists)), np.int64))[0]
         max_blocks = int(-(-int(ends.max()) // bs))
         tables = self.block_table[rows_a, :max_blocks]
         cu = np.arange(n + 1, dtype=np.int64) if all_single else np.zeros(n + 1, np.int64)
@@ -213,7 +223,7 @@ class InputBatch:
             context_lens=ends, cu_seqlens_q=cu,
             decode_idx=np.arange(n, dtype=np.int64) if all_single else np.nonzero(cu[1:] - cu[:-1] == 1)[0],
             logits_idx=cu[1:][sample_a] - 1,
-            query_lens=[1] * n if all_single else lens,
+            query_lens=[1] * n if all_single else lens, decode_only=all_single,
             context_lens_host=ends.tolist(),
             sample_rows=rows_a[sample_a], sample_ends=ends[sample_a],
             sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()])
