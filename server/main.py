@@ -282,7 +282,9 @@ async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: async
     died = asyncio.create_task(handle.health.dead.wait())
     try:
         if not stop.is_set():
-            print(f"tokenrelay listening on {config.host}:{handle.port}", flush=True)
+            # one write (not print's two): N front ends share this stdout and their lines must not interleave
+            sys.stdout.write(f"tokenrelay listening on {config.host}:{handle.port}\n")
+            sys.stdout.flush()
             if on_ready is not None:
                 on_ready(handle)
             waiting = {stopped, died} if config.exit_on_engine_death else {stopped}
