@@ -44,6 +44,7 @@ class _RequestState:
     logprobs: list[TokenLogprob] | None = None  # final only, when asked: every logprob so far
     num_output_tokens: int = 0
     sent_first: bool = False
+    plain: bool = False  # a stream past its first output that wants no logprobs: the fast path
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -110,12 +111,20 @@ class OutputProcessor:
             if state is None:
                 continue  # finished here already (stop string) or closed by its caller
             final = finals.pop(rid, None) if finals else None
-            if state.output_ids is not None and final is None:  # final only: keep the token
-                state.output_ids.append(token)
-                state.num_output_tokens += 1
-                if state.logprobs is not None:
-                    state.logprobs.append(self._logprob(token, logprobs.get(rid)))
-                continue
+            if final is None:
+                if state.output_ids is not None:  # final only: keep the token
+                    state.output_ids.append(token)
+                    state.num_output_tokens += 1
+                    if state.logprobs is not None:
+                        state.logprobs.append(self._logprob(token, logprobs.get(rid)))
+                    continue
+                detok = state.detokenizer
+                if state.plain and detok is not None:  # a stream's steady state: a token and its text
+                    state.num_output_tokens += 1
+                    if detok.append(token, state.num_output_tokens > state.min_tokens) is None:
+                        deliveries.append((state.slot, RequestOutput(state.request_id, [token], detok.take_text())))
+                        continue
+                    state.num_output_tokens -= 1  # a stop string matched: the full path below
             out = self._output(state, [token], logprobs.get(rid) if state.want_logprobs else None, final, now)
             deliveries.append((state.slot, out))
             if out.finished:
@@ -174,6 +183,7 @@ class OutputProcessor:
         if not state.sent_first or reason is not None:
             out.seed = state.seed
             state.sent_first = True
+            state.plain = detok is not None and not state.want_logprobs
         if reason is not None:
             if final is not None:
                 state.num_cached_tokens = final.num_cached_tokens
