@@ -55,6 +55,19 @@ class StepInputs:
     sample_rows: np.ndarray  # input-batch rows of the chunks that sample, in chunk order
     sample_ends: np.ndarray  # their ends (= their sequences' lengths)
     sample_chunks: list[ScheduledChunk]
+    sample_request_ids: list[str] | None = None  # their request ids, when known already
+
+
+@dataclass(slots=True, eq=False)
+class _Steady:
+    """The previous step, when it was pure decode (every chunk one token, every chunk sampled):
+    if the next step schedules the same sequences, each one token further, its rows, request ids
+    and index arrays follow from this one without reading the chunks again."""
+
+    seqs: list[Sequence]
+    rows: np.ndarray
+    ends: np.ndarray
+    request_ids: list[str]
 
 
 class InputBatch:
@@ -68,6 +81,9 @@ class InputBatch:
         self.seqs: list[Sequence | None] = []
         self._free: list[int] = []
         self._num_blocks: list[int] = []  # block ids written into each row
+        self._num_blocks_a = np.zeros(0, np.int64)  # the same, as an array (steady decode steps)
+        self._steady: _Steady | None = None
+        self._aranges: dict[int, np.ndarray] = {}  # n -> arange(n + 1), shared by steps (never written)
         self.block_table = np.zeros((0, max(1, max_blocks_per_seq)), np.int64)
         self.temperature = np.zeros(0, np.float32)
         self.top_k = np.zeros(0, np.int64)
@@ -99,6 +115,9 @@ class InputBatch:
             grown = np.zeros(new_size, arr.dtype)
             grown[:old] = arr
             setattr(self, name, grown)
+        grown_blocks = np.zeros(new_size, np.int64)
+        grown_blocks[:old] = self._num_blocks_a
+        self._num_blocks_a = grown_blocks
         table = np.zeros((new_size, self.block_table.shape[1]), np.int64)
         table[:old] = self.block_table
         self.block_table = table
@@ -111,6 +130,7 @@ class InputBatch:
             row = self.row_of.pop(rid, None)
             if row is not None:
                 self._release(row)
+                self._steady = None
 
     def _release(self, row: int) -> None:
         seq = self.seqs[row]
@@ -118,6 +138,7 @@ class InputBatch:
             self._row_of_seq.pop(seq, None)
         self.seqs[row] = None
         self._num_blocks[row] = 0
+        self._num_blocks_a[row] = 0
         self.special.discard(row)
         self.nonplain.discard(row)
         self._free.append(row)
@@ -135,6 +156,7 @@ class InputBatch:
 
     def add(self, seq: Sequence) -> int:
         """A fresh row for `seq` (replacing any row its request id held)."""
+        self._steady = None
         rid = seq.request_id
         old = self.row_of.pop(rid, None)
         if old is not None:
@@ -160,6 +182,7 @@ class InputBatch:
         if row in self.special or sp.temperature != 0 or sp.logprobs is not None:
             self.nonplain.add(row)
         self._num_blocks[row] = 0
+        self._num_blocks_a[row] = 0
         self._write_blocks(row, seq.block_table)
         return row
 
@@ -173,6 +196,7 @@ class InputBatch:
             have = 0
         self.block_table[row, have:want] = table[have:want]
         self._num_blocks[row] = want
+        self._num_blocks_a[row] = want
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -185,6 +209,11 @@ class InputBatch:
         seqs = list(map(_SEQ, chunks))
         starts = list(map(_START, chunks))
         lens = list(map(_NUM_NEW, chunks))
+        steady, self._steady = self._steady, None
+        if steady is not None and lens.count(1) == n and seqs == steady.seqs:  # `==`: identity, in C
+            starts_a = np.array(starts, np.int64)
+            if np.array_equal(starts_a, steady.ends):  # each sequence one token further
+                return self._prepare_steady(chunks, seqs, starts, starts_a, steady)
         rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
@@ -218,6 +247,10 @@ class InputBatch:
             token_rows = np.repeat(np.arange(n), q)
             positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1] - starts_a, q)
         slots = tables[token_rows, positions // bs] * bs + positions % bs
+        request_ids = None
+        if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
+            request_ids = [seq.request.request_id for seq in seqs]
+            self._steady = _Steady(seqs, rows_a, ends, request_ids)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
@@ -226,7 +259,33 @@ class InputBatch:
             query_lens=[1] * n if all_single else lens, decode_only=all_single,
             context_lens_host=ends.tolist(),
             sample_rows=rows_a[sample_a], sample_ends=ends[sample_a],
-            sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()])
+            sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()],
+            sample_request_ids=request_ids)
+
+    def _prepare_steady(self, chunks: list[ScheduledChunk], seqs: list[Sequence], starts: list[int],
+                        starts_a: np.ndarray, steady: _Steady) -> StepInputs:
+        """`prepare` for a decode step that follows a pure decode step over the same sequences:
+        every chunk is one token at the end of its sequence (the token sampled last step), so it
+        samples, and the rows and request ids are the previous step's. Only rows that cross into
+        a block they have not written yet read their sequence's block table."""
+        n, bs = len(chunks), self.block_size
+        rows_a = steady.rows
+        ends = starts_a + 1
+        need = (ends + (bs - 1)) // bs  # blocks covering positions < end
+        for i in np.nonzero(need > self._num_blocks_a[rows_a])[0].tolist():
+            self._write_blocks(int(rows_a[i]), seqs[i].block_table)
+        ids = list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts))
+        tables = self.block_table[rows_a, :-(-(max(starts) + 1) // bs)]
+        cu = self._aranges.get(n)
+        if cu is None:
+            cu = self._aranges[n] = np.arange(n + 1, dtype=np.int64)
+        slots = tables[cu[:-1], starts_a // bs] * bs + starts_a % bs
+        self._steady = _Steady(seqs, rows_a, ends, steady.request_ids)
+        return StepInputs(
+            input_ids=np.array(ids, np.int64), positions=starts_a, slots=slots, tables=tables,
+            context_lens=ends, cu_seqlens_q=cu, decode_idx=cu[:-1], logits_idx=cu[:-1],
+            query_lens=[1] * n, decode_only=True, context_lens_host=ends.tolist(),
+            sample_rows=rows_a, sample_ends=ends, sample_chunks=chunks, sample_request_ids=steady.request_ids)
 
     def sampling_arrays(self, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Per-row sampling parameters of the sampling chunks, plus the (row, token) pairs of the

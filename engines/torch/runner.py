@@ -180,7 +180,9 @@ class ModelRunner:
 
     def _collect(self, step: StepInputs, wanted: np.ndarray | None, token_ids: torch.Tensor, chosen: torch.Tensor | None,
                  top_ids: torch.Tensor | None, top_vals: torch.Tensor | None) -> RunnerOutput:
-        rids = [c.seq.request.request_id for c in step.sample_chunks]
+        rids = step.sample_request_ids
+        if rids is None:
+            rids = [c.seq.request.request_id for c in step.sample_chunks]
         out = RunnerOutput()
         if chosen is None:
             out.token_ids = dict(zip(rids, token_ids.tolist()))  # the step's single device -> host copy
