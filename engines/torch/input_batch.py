@@ -66,7 +66,7 @@ class _Steady:
 
     seqs: list[Sequence]
     rows: np.ndarray
-    ends: np.ndarray
+    ends_host: list[int]
     request_ids: list[str]
 
 
@@ -210,10 +210,9 @@ class InputBatch:
         starts = list(map(_START, chunks))
         lens = list(map(_NUM_NEW, chunks))
         steady, self._steady = self._steady, None
-        if steady is not None and lens.count(1) == n and seqs == steady.seqs:  # `==`: identity, in C
-            starts_a = np.array(starts, np.int64)
-            if np.array_equal(starts_a, steady.ends):  # each sequence one token further
-                return self._prepare_steady(chunks, seqs, starts, starts_a, steady)
+        # `==` on lists compares in C (sequences by identity): the same sequences, each one token further
+        if steady is not None and lens.count(1) == n and starts == steady.ends_host and seqs == steady.seqs:
+            return self._prepare_steady(chunks, seqs, starts, steady)
         rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
@@ -248,28 +247,30 @@ class InputBatch:
             positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1] - starts_a, q)
         slots = tables[token_rows, positions // bs] * bs + positions % bs
         request_ids = None
+        ends_host = ends.tolist()
         if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
             request_ids = [seq.request.request_id for seq in seqs]
-            self._steady = _Steady(seqs, rows_a, ends, request_ids)
+            self._steady = _Steady(seqs, rows_a, ends_host, request_ids)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
             decode_idx=np.arange(n, dtype=np.int64) if all_single else np.nonzero(cu[1:] - cu[:-1] == 1)[0],
             logits_idx=cu[1:][sample_a] - 1,
             query_lens=[1] * n if all_single else lens, decode_only=all_single,
-            context_lens_host=ends.tolist(),
+            context_lens_host=ends_host,
             sample_rows=rows_a[sample_a], sample_ends=ends[sample_a],
             sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()],
             sample_request_ids=request_ids)
 
     def _prepare_steady(self, chunks: list[ScheduledChunk], seqs: list[Sequence], starts: list[int],
-                        starts_a: np.ndarray, steady: _Steady) -> StepInputs:
+                        steady: _Steady) -> StepInputs:
         """`prepare` for a decode step that follows a pure decode step over the same sequences:
         every chunk is one token at the end of its sequence (the token sampled last step), so it
         samples, and the rows and request ids are the previous step's. Only rows that cross into
         a block they have not written yet read their sequence's block table."""
         n, bs = len(chunks), self.block_size
         rows_a = steady.rows
+        starts_a = np.array(starts, np.int64)
         ends = starts_a + 1
         need = (ends + (bs - 1)) // bs  # blocks covering positions < end
         for i in np.nonzero(need > self._num_blocks_a[rows_a])[0].tolist():
@@ -280,11 +281,12 @@ class InputBatch:
         if cu is None:
             cu = self._aranges[n] = np.arange(n + 1, dtype=np.int64)
         slots = tables[cu[:-1], starts_a // bs] * bs + starts_a % bs
-        self._steady = _Steady(seqs, rows_a, ends, steady.request_ids)
+        ends_host = ends.tolist()
+        self._steady = _Steady(seqs, rows_a, ends_host, steady.request_ids)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=starts_a, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu, decode_idx=cu[:-1], logits_idx=cu[:-1],
-            query_lens=[1] * n, decode_only=True, context_lens_host=ends.tolist(),
+            query_lens=[1] * n, decode_only=True, context_lens_host=ends_host,
             sample_rows=rows_a, sample_ends=ends, sample_chunks=chunks, sample_request_ids=steady.request_ids)
 
     def sampling_arrays(self, inputs: StepInputs) -> dict[str, np.ndarray]:
