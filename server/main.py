@@ -120,7 +120,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", str, "auto", "auto (cuda when present, else cpu), cpu or cuda[:n]")
     add("--dtype", str, "auto", "auto (bfloat16 on CUDA and on CPUs with AMX/AVX-512 BF16, else float32), "
         "float32, bfloat16, float16")
-    add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: this process's physical cores")
+    add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: the physical cores, less one per "
+        "front end (--api-server-count) when --engine-process is on (OMP_NUM_THREADS, when set, wins)")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
     add_bool("--cuda-graphs", True, "on CUDA: replay decode steps from CUDA graphs (--no-cuda-graphs: eager)")
@@ -192,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_model_len=args.max_model_len)
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype, num_threads=args.num_threads,
+                                     reserved_cores=args.api_server_count if args.engine_process == "on" else 0,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,
                                      scheduler=scheduler)

@@ -84,7 +84,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         dtype = config.dtype
         if self.device.type == "cpu":
-            self.num_threads = configure_threads(config.num_threads)
+            self.num_threads = configure_threads(config.num_threads, config.reserved_cores)
             if dtype == "auto" and cpu_has_native_bf16():
                 dtype = "bfloat16"  # AMX / AVX-512 BF16: bf16 matmuls beat fp32 here
         self.dtype = resolve_dtype(dtype, self.device)
