@@ -108,7 +108,15 @@ class CoreDead(msgspec.Struct, tag="dead", array_like=True):
     reason: str
 
 
-CoreMessage = Hello | StepOutputs | UtilityResult | CoreDead
+class Heartbeat(msgspec.Struct, tag="beat", array_like=True):
+    """Sent every HEARTBEAT_INTERVAL_S by a thread of the core process, however long a step
+    takes: a front end that hears nothing for HEARTBEAT_TIMEOUT_S takes the core for hung."""
+
+
+HEARTBEAT_INTERVAL_S = 0.2
+HEARTBEAT_TIMEOUT_S = 0.7  # with the front end's check every 0.1 s: a hung core is seen within 1 s
+
+CoreMessage = Hello | StepOutputs | UtilityResult | CoreDead | Heartbeat
 
 
 class FrameReader:

@@ -27,6 +27,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 
 import msgspec
@@ -34,8 +35,8 @@ import msgspec
 from tokenrelay_engines.config import TorchEngineConfig
 from tokenrelay_engines.core.engine_core import EngineCore
 from tokenrelay_engines.core.messages import (
-    Abort, AddRequest, CoreDead, FrameEncoder, FrameReader, Hello, Shutdown, StepOutputs, Utility, UtilityResult,
-    command_decoder,
+    HEARTBEAT_INTERVAL_S, Abort, AddRequest, CoreDead, FrameEncoder, FrameReader, Heartbeat, Hello, Shutdown,
+    StepOutputs, Utility, UtilityResult, command_decoder,
 )
 
 log = logging.getLogger("tokenrelay.engine_core")
@@ -64,6 +65,8 @@ class CoreServer:
         self._decoder = command_decoder()
         self._next_conn = 0
         self._stopping = False
+        self._send_lock = threading.Lock()  # the loop and the heartbeat thread both send
+        self._beating = threading.Event()  # set: stop the heartbeat thread
         if listen is not None:
             self._selector.register(listen, selectors.EVENT_READ, None)
         if connected is not None:
@@ -90,9 +93,23 @@ class CoreServer:
 
     def _send(self, conn: _Conn, message: msgspec.Struct) -> None:
         try:
-            conn.sock.sendall(self._encoder.encode(message))
+            with self._send_lock:
+                conn.sock.sendall(self._encoder.encode(message))
         except OSError:
             self._close(conn)
+
+    def _heartbeat(self) -> None:
+        """Thread: a Heartbeat to every front end every HEARTBEAT_INTERVAL_S. It needs the GIL
+        only briefly (torch releases it in the forward pass), so a long step does not silence it;
+        a stopped or hung process does. Send errors are left to the loop (EOF on its read)."""
+        frame = bytes(FrameEncoder().encode(Heartbeat()))
+        while not self._beating.wait(HEARTBEAT_INTERVAL_S):
+            for conn in list(self._conns.values()):
+                try:
+                    with self._send_lock:
+                        conn.sock.sendall(frame)
+                except OSError:
+                    pass
 
     # ---- commands ------------------------------------------------------------------------
 
@@ -160,6 +177,15 @@ class CoreServer:
 
     def run(self) -> int:
         core = self.core
+        beat = threading.Thread(target=self._heartbeat, name="tokenrelay-core-heartbeat", daemon=True)
+        beat.start()
+        try:
+            return self._run(core)
+        finally:
+            self._beating.set()
+            beat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+
+    def _run(self, core: EngineCore) -> int:
         try:
             while not self._stopping:
                 self._poll(self._idle_timeout())
