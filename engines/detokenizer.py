@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
         self._context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         # The prefix_offset / read_offset window, in the tokenizer's own code: one call per token.
-        self._stream = DecodeStream(self._context, skip_special_tokens)
+        self._stream: DecodeStream | None = DecodeStream(self._context, skip_special_tokens)
         self._output_ids: list[int] = []
         self._pending = False  # the stream holds ids it has not turned into text yet
         self._decoded_chars = 0  # chars of output text decoded so far
@@ -71,6 +71,24 @@ class IncrementalDetokenizer:
         full = decode_output(self._tokenizer, self._context, self._output_ids, self._skip_special)
         return full[self._decoded_chars:]
 
+    def _restart(self) -> str | None:
+        """The stream refused a token: take the new text from the whole output decoded at once
+        (None while it ends in an incomplete character: this repeats on the next token), then go
+        on with a fresh stream whose left context is the last output tokens."""
+        full = decode_output(self._tokenizer, self._context, self._output_ids, self._skip_special)
+        if full.endswith(_REPLACEMENT):
+            self._stream = None
+            return None
+        # the longest tail of the output (up to _CONTEXT_TOKENS) that is whole characters
+        context: list[int] = []
+        for k in range(min(_CONTEXT_TOKENS, len(self._output_ids)), 0, -1):
+            tail = self._output_ids[-k:]
+            if _REPLACEMENT not in self._tokenizer.decode(tail, skip_special_tokens=self._skip_special):
+                context = tail
+                break
+        self._stream = DecodeStream(context, self._skip_special)
+        return full[self._decoded_chars:]
+
     # ---- taking tokens (the output processor) -------------------------------------------
 
     def append(self, token_id: int, allow_stop: bool = True) -> str | None:
@@ -78,7 +96,13 @@ class IncrementalDetokenizer:
         if self.stopped is not None:
             return self.stopped
         self._output_ids.append(token_id)
-        new_text = self._stream.step(self._tokenizer, token_id)
+        if self._stream is None:  # restarting after a refusal
+            new_text = self._restart()
+        else:
+            try:
+                new_text = self._stream.step(self._tokenizer, token_id)
+            except Exception:  # noqa: BLE001 - the window's text no longer extends its prefix (tokenizers#1705)
+                new_text = self._restart()
         if new_text is None:
             self._pending = True
             return None
