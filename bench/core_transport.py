@@ -2,7 +2,7 @@
 
     python bench/core_transport.py [--steps 3000] [--batch 256] [--repeats 5]
 
-One step frame = `StepOutputs` with `--batch` request updates of one new token each (the
+One step frame = `StepOutputs` with `--batch` requests of one new token each, as columns (the
 decode steady state the core sends every step). Each candidate sends `--steps` frames from a
 child process to this one and we time end to end (encode in the child, transfer, decode here);
 the runs are interleaved and repeated, and we report medians and ratios to the fastest:
@@ -28,14 +28,15 @@ import time
 import msgspec
 
 from tokenrelay_engines.base import EngineStats, FinishReason
-from tokenrelay_engines.core.messages import FRAME_HEADER, FrameEncoder, RequestUpdate, StepOutputs, core_message_decoder
+from tokenrelay_engines.core.messages import (
+    FRAME_HEADER, FinishedRequest, FrameEncoder, StepOutputs, core_message_decoder,
+)
 
 
 def _frame(batch: int, step: int) -> StepOutputs:
-    updates = [RequestUpdate(str(i), [1000 + (step + i) % 30000]) for i in range(batch)]
-    if step % 50 == 0:
-        updates[0].finish_reason = FinishReason.LENGTH
-    return StepOutputs(updates, EngineStats(batch, 0, batch * 8, 8192), batch)
+    finished = [FinishedRequest("0", FinishReason.LENGTH)] if step % 50 == 0 else []
+    return StepOutputs([str(i) for i in range(batch)], [1000 + (step + i) % 30000 for i in range(batch)],
+                       finished=finished, stats=EngineStats(batch, 0, batch * 8, 8192))
 
 
 def _send_socket(sock: socket.socket, steps: int, batch: int) -> None:

@@ -101,7 +101,9 @@ async def _offline(serve_args: list[str], streams: list[int]) -> dict:
 
     parser = argparse.ArgumentParser()
     server_main.add_serve_arguments(parser)
-    config = server_main.config_from_args(parser.parse_args(["--model", "demo", *serve_args]))
+    # in-process, whatever the servers run: the engine with this process's cores to itself
+    config = server_main.config_from_args(parser.parse_args(["--model", "demo", *serve_args,
+                                                             "--engine-process", "off"]))
     engine = TorchEngine(config.torch)
     await engine.start()
     counter = iter(range(1 << 30))

@@ -16,8 +16,8 @@ on one thread, exactly as the engine loop does:
     publish   = engine._publish(touched)                 (deltas into output slots)
     detokenize: the incremental detokenizer's share of update + publish; core = total - detokenize
 
-With the engine core (engines/core/), publish is the core's: this step's `RequestUpdate`s
-encoded as the `StepOutputs` frame it sends; "detokenize" is then the front end's output
+With the engine core (engines/core/), publish is the core's: this step's outputs (one
+`RequestUpdate` per request in older trees, columns now) encoded as the `StepOutputs` frame it sends; "detokenize" is then the front end's output
 processor (detokenizer, stop strings, slots), timed apart, and core = total.
 
 After each step the event loop runs the slots' wake-ups and a consumer that keeps up drains
@@ -154,6 +154,7 @@ async def _worker(args: argparse.Namespace) -> dict:
         if core is not None:
             from tokenrelay_engines.core.messages import FrameEncoder, StepOutputs
             sched, encoder = core.scheduler, FrameEncoder()
+        columnar = hasattr(core, "_outputs")  # one StepOutputs of columns per step (not one update per request)
         while sched.has_unfinished:
             detok_s[0] = 0.0
             t0 = time.thread_time()
@@ -167,6 +168,14 @@ async def _worker(args: argparse.Namespace) -> dict:
             if core is None:
                 engine._publish(touched)
                 t4 = time.thread_time()
+            elif columnar:
+                # the core's publish: this step's columns as the frame it sends to the front end
+                step = core._outputs(runner_out, [s for s in touched if s.is_finished])
+                step.stats = core.stats()
+                encoder.encode(step)
+                t4 = time.thread_time()
+                engine._publish(step)  # the front end's output processor (detokenizer, slots)
+                detok_s[0] = time.thread_time() - t4
             else:
                 # the core's publish: this step's updates as the frame it sends to the front end
                 updates = core._updates(touched)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -36,6 +36,23 @@ def _require(ok: bool, field_name: str, message: str) -> None:
         raise InvalidRequest(field_name, message)
 
 
+def _finite(ok: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and ok(v)
+
+
+# Every range a sampling field must be in, in one table: SamplingParams checks it (any caller),
+# and the proto edge (server/convert.py) checks it first, to report every bad field at once.
+SAMPLING_RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("temperature", _finite(lambda v: v >= 0), "must be >= 0"),
+    ("top_p", _finite(lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    ("top_k", lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    ("min_p", _finite(lambda v: 0 <= v <= 1), "must be in [0, 1]"),
+    ("repetition_penalty", _finite(lambda v: v > 0), "must be > 0"),
+    ("presence_penalty", _finite(lambda v: -2 <= v <= 2), "must be in [-2, 2]"),
+    ("frequency_penalty", _finite(lambda v: -2 <= v <= 2), "must be in [-2, 2]"),
+)
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -49,17 +66,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n: sampled token + n top alternatives
 
     def __post_init__(self) -> None:
-        _require(math.isfinite(self.temperature) and self.temperature >= 0,
-                 "sampling.temperature", "must be >= 0")
-        _require(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
-        _require(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables)")
-        _require(math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "sampling.min_p", "must be in [0, 1]")
-        _require(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-                 "sampling.repetition_penalty", "must be > 0")
-        _require(math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-                 "sampling.presence_penalty", "must be in [-2, 2]")
-        _require(math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-                 "sampling.frequency_penalty", "must be in [-2, 2]")
+        for name, ok, rule in SAMPLING_RANGES:
+            _require(ok(getattr(self, name)), f"sampling.{name}", rule)
         _require(self.seed is None or 0 <= self.seed < 2**64, "sampling.seed", "must be in [0, 2^64)")
         _require(self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0")
 
@@ -84,6 +92,14 @@ class StoppingCriteria:
         _require(all(self.stop), "stopping.stop", "stop strings must be non-empty")
 
 
+class OutputKind(enum.Enum):
+    """What a request's stream yields (the field's RequestOutputKind)."""
+
+    DELTA = "delta"  # one delta per engine step (coalesced while the consumer lags), then the final
+    FINAL_ONLY = "final_only"  # the caller wants the whole result only: an engine may yield just the
+    #                            final output, carrying every token, the text and logprobs
+
+
 @dataclass(slots=True)
 class Request:
     """One generation request as the engine sees it. The prompt is already tokenized."""
@@ -95,6 +111,7 @@ class Request:
     priority: int = 0  # lower runs first
     arrival_time: float = 0.0  # time.monotonic() when the server received it
     deadline: float | None = None  # time.monotonic() after which the engine finishes it (DEADLINE)
+    output_kind: OutputKind = OutputKind.DELTA
 
     def __post_init__(self) -> None:
         _require(bool(self.request_id), "request_id", "must be non-empty")

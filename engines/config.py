@@ -40,7 +40,11 @@ class TorchEngineConfig:
     # on x86-64 CPUs with AVX2 + FMA and a C compiler: C kernels (engines/torch/kernels/) for GGUF
     # block weights, RMSNorm and decode attention in float32; False: torch operators only
     cpu_kernels: bool = True
-    num_threads: int = 0  # CPU intra-op threads; 0: this process's physical cores
+    num_threads: int = 0  # CPU intra-op threads; 0: this process's physical cores, less reserved_cores
+    # With num_threads 0: cores left to the server's other busy processes (its front ends, when
+    # the engine core runs in its own process), so the matmul threads never wait on a descheduled
+    # peer. Set by main from --api-server-count; at least one thread always remains.
+    reserved_cores: int = 0
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
     cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
@@ -56,6 +60,8 @@ class TorchEngineConfig:
             raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
         if self.num_threads < 0:
             raise ValueError("num_threads must be >= 0")
+        if self.reserved_cores < 0:
+            raise ValueError("reserved_cores must be >= 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
 

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from tokenrelay_engines.base import (
-    EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics,
+    EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, OutputKind, Request, RequestMetrics,
     RequestOutput, TokenLogprob, Usage,
 )
 from tokenrelay_engines.outputs import merge_outputs
@@ -111,6 +111,7 @@ class _Slot:
     deadline_timer: asyncio.TimerHandle | None = None
     finished: bool = False
     seed_sent: bool = False
+    held: RequestOutput | None = None  # FINAL_ONLY: the deltas so far, delivered with the final output
 
     @property
     def num_tokens(self) -> int:
@@ -295,6 +296,20 @@ class SyntheticEngine:
         if slot is None or slot.finished:
             return
         assert self._loop is not None and slot.scheduled_time is not None
+        # FINAL_ONLY: nobody sees a token before the end, so every token already due is made in
+        # this one callback (with itl 0: the whole output), not one timer each.
+        final_only = slot.request.output_kind is OutputKind.FINAL_ONLY
+        while True:
+            due = self._one_token(slot)
+            if due is None:
+                return
+            if not (final_only and due <= self._loop.time()):
+                slot.timer = self._loop.call_at(due, self._on_token, request_id)
+                return
+
+    def _one_token(self, slot: _Slot) -> float | None:
+        """Make the next token; returns when the one after it is due (None: finished)."""
+        assert self._loop is not None and slot.scheduled_time is not None
         now = self._loop.time()
         req, stop = slot.request, slot.request.stopping
         tid, lp = self._next_token(slot)
@@ -328,11 +343,10 @@ class SyntheticEngine:
         logprobs = [self._logprob(tid, lp, n)] if n is not None else None
         if finish is not None:
             self._finish(slot, finish, stop_reason=stop_reason, new_ids=[tid], logprobs=logprobs)
-            return
+            return None
         hold = self._held_back(slot.text, stop.stop)
         self._emit(slot, [tid], len(slot.text) - hold, logprobs)
-        due = slot.scheduled_time + (self.config.ttft_ms + n_out * self.config.itl_ms) / 1000
-        slot.timer = self._loop.call_at(due, self._on_token, request_id)
+        return slot.scheduled_time + (self.config.ttft_ms + n_out * self.config.itl_ms) / 1000
 
     @staticmethod
     def _match_stop(text: str, text_before: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
@@ -361,6 +375,9 @@ class SyntheticEngine:
         slot.sent_chars = upto
         if not slot.seed_sent:
             out.seed, slot.seed_sent = slot.seed, True
+        if slot.request.output_kind is OutputKind.FINAL_ONLY:
+            slot.held = out if slot.held is None else merge_outputs(slot.held, out)
+            return
         slot.outputs.put_nowait(out)
 
     def _finish(self, slot: _Slot, reason: FinishReason, *, stop_reason: str | int | None = None,
@@ -385,6 +402,8 @@ class SyntheticEngine:
                                    first_token_time=slot.first_token_time, finished_time=now),
             seed=slot.seed, error=error)
         slot.sent_chars = len(slot.text)
+        if slot.held is not None:
+            out, slot.held = merge_outputs(slot.held, out), None
         slot.outputs.put_nowait(out)
         del self._slots[rid]
         if self._loop is not None and self._dead is None:

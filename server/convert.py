@@ -8,7 +8,6 @@ folds RequestOutput deltas into a GenerationResult; `stream_*` build GenerateStr
 
 from __future__ import annotations
 
-import math
 import secrets
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from tokenrelay.v1 import generation_pb2, text_generation_pb2
 
 from tokenrelay_engines.base import (
     EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, RequestMetrics, RequestOutput,
-    SamplingParams, StoppingCriteria, TokenLogprob, Usage,
+    SAMPLING_RANGES, SamplingParams, StoppingCriteria, TokenLogprob, Usage,
 )
 from tokenrelay_server.chat import ChatEncoder, chat_prompt
 from tokenrelay_server.errors import InvalidRequests
@@ -38,23 +37,11 @@ _FINISH_REASONS = {
 }
 
 
-def _check_float(bad: list[tuple[str, str]], msg, name: str, ok: Callable[[float], bool], rule: str) -> None:
-    if msg.HasField(name):
-        value = getattr(msg, name)
-        if not (math.isfinite(value) and ok(value)):
-            bad.append((f"params.sampling.{name}", f"{rule}, got {value}"))
-
-
 def _sampling(p: generation_pb2.GenerationParams, info: ModelInfo, bad: list[tuple[str, str]]) -> dict:
     s = p.sampling
-    _check_float(bad, s, "temperature", lambda v: v >= 0, "must be >= 0")
-    _check_float(bad, s, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    _check_float(bad, s, "min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-    _check_float(bad, s, "repetition_penalty", lambda v: v > 0, "must be > 0")
-    _check_float(bad, s, "presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-    _check_float(bad, s, "frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-    if s.HasField("top_k") and s.top_k < 0:
-        bad.append(("params.sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}"))
+    for name, ok, rule in SAMPLING_RANGES:  # the domain type's own table: every bad field at once
+        if s.HasField(name) and not ok(getattr(s, name)):
+            bad.append((f"params.sampling.{name}", f"{rule}, got {getattr(s, name)}"))
     if p.HasField("logprobs"):
         if not info.supports_logprobs:
             bad.append(("params.logprobs", "this model does not support logprobs"))

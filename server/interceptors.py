@@ -3,7 +3,9 @@
 An interceptor that needs the servicer context (the peer's certificate, the final status
 code) cannot work in `intercept_service` alone: it wraps the handler's behaviour instead.
 `wrap_handler(handler, around)` rebuilds the RpcMethodHandler so that every call runs inside
-`around(method, request, context)`, an async context manager; streaming responses included.
+`around(request, context)`, an async context manager; streaming responses included.
+`WrappedHandlers` keeps one wrapped handler per method, so an interceptor does not rebuild the
+handler and its closures on every call (a fixed per-RPC cost a unary call pays in full).
 """
 
 from __future__ import annotations
@@ -49,6 +51,28 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.
         wrapped = unary
     return factory(wrapped, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
+
+
+class WrappedHandlers:
+    """Wrapped handlers by method, each built once from `around_for(method)`.
+
+    Bounded by the service's methods: a call to an unknown method has no handler (None), which
+    is passed through and never cached."""
+
+    def __init__(self, around_for: Callable[[str], Around]) -> None:
+        self._around_for = around_for
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        if handler is None:
+            return None
+        hit = self._by_method.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = wrap_handler(handler, self._around_for(method))
+        assert wrapped is not None
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
 
 
 def metadata_value(metadata: Any, key: str) -> str:

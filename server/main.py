@@ -128,7 +128,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_bool("--cpu-kernels", True, "float32 on x86-64 CPUs with AVX2 + FMA: C kernels (built with the system "
              "compiler on first use) for GGUF block weights, RMSNorm and decode attention "
              "(--no-cpu-kernels: torch operators only)")
-    add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: this process's physical cores")
+    add("--num-threads", int, 0, "CPU threads for the torch engine's matmuls; 0: the physical cores, less one per "
+        "front end (--api-server-count) when --engine-process is on (OMP_NUM_THREADS, when set, wins)")
     add("--kv-cache-memory-fraction", float, 0.3, "share of free device memory for KV when --num-kv-blocks is 0")
     add("--seed", int, 0, "seed for dummy weights")
     add_bool("--cuda-graphs", True, "on CUDA: replay decode steps from CUDA graphs (--no-cuda-graphs: eager)")
@@ -200,8 +201,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 max_model_len=args.max_model_len)
     torch_config = TorchEngineConfig(model=args.model, load_format=args.load_format, dummy_shape=args.dummy_shape,
                                      device=args.device, dtype=args.dtype, quantization=args.quantization,
-                                     cpu_kernels=args.cpu_kernels,
-                                     num_threads=args.num_threads,
+                                     cpu_kernels=args.cpu_kernels, num_threads=args.num_threads,
+                                     reserved_cores=args.api_server_count if args.engine_process == "on" else 0,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,
                                      scheduler=scheduler)
@@ -292,7 +293,9 @@ async def _until_stopped(config: ServerConfig, handle: ServerHandle, stop: async
     died = asyncio.create_task(handle.health.dead.wait())
     try:
         if not stop.is_set():
-            print(f"tokenrelay listening on {config.host}:{handle.port}", flush=True)
+            # one write (not print's two): N front ends share this stdout and their lines must not interleave
+            sys.stdout.write(f"tokenrelay listening on {config.host}:{handle.port}\n")
+            sys.stdout.flush()
             if on_ready is not None:
                 on_ready(handle)
             waiting = {stopped, died} if config.exit_on_engine_death else {stopped}

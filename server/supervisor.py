@@ -128,6 +128,8 @@ def run_supervised(config: ServerConfig) -> int:
                 proc.join()
         if core.poll() is None:
             core.terminate()
+            if hasattr(signal, "SIGCONT"):  # a stopped (hung) core takes the SIGTERM only once continued
+                os.kill(core.pid, signal.SIGCONT)
             try:
                 core.wait(_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:

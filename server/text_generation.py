@@ -24,7 +24,9 @@ from collections.abc import AsyncIterator
 import grpc
 from tokenrelay.v1 import generation_pb2, text_generation_pb2, text_generation_pb2_grpc
 
-from tokenrelay_engines.base import AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, RequestOutput
+from tokenrelay_engines.base import (
+    AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, OutputKind, Request, RequestOutput,
+)
 from tokenrelay_server import convert
 from tokenrelay_server.admission import AdmissionController
 from tokenrelay_server.chat import ChatPrompts
@@ -147,6 +149,7 @@ class TextGenerationServiceServicer(text_generation_pb2_grpc.TextGenerationServi
         async with self._status_on_error(context):
             rid = await self._start(request.params, context)
             req = await self._build(request.params, rid, context)
+            req.output_kind = OutputKind.FINAL_ONLY  # no per-step work: the whole result at the end
             with self._admission.try_acquire(len(req.prompt_token_ids)):
                 call = EngineCall(self._engine, req)
                 acc = convert.ResultAccumulator(rid, seed=req.sampling.seed,

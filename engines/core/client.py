@@ -8,7 +8,9 @@ share a GIL.
 
 The core's death is seen at once: its end of the socket closes when the process exits (also on
 SIGKILL), the read loop gets EOF, every open request ends with ERROR and `check_health` raises
-`EngineDeadError` from then on.
+`EngineDeadError` from then on. A core that hangs without exiting (stopped, wedged) falls silent:
+a thread of it sends a heartbeat every 0.2 s, and a watchdog here declares the core dead after
+0.7 s without a frame (and kills the process it spawned at shutdown rather than waiting on it).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from tokenrelay_engines import tokenization
 from tokenrelay_engines.base import EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request
 from tokenrelay_engines.config import TorchEngineConfig
 from tokenrelay_engines.core.messages import (
-    FRAME_HEADER, Abort, AddRequest, CoreDead, FrameEncoder, Hello, Shutdown, StepOutputs, Utility, UtilityResult,
-    core_message_decoder,
+    FRAME_HEADER, HEARTBEAT_TIMEOUT_S, Abort, AddRequest, CoreDead, FrameEncoder, Hello, Shutdown, StepOutputs,
+    Utility, UtilityResult, core_message_decoder,
 )
 from tokenrelay_engines.core.output_processor import OutputProcessor, core_request
 from tokenrelay_engines.core.validation import EngineLimits, check_request
@@ -73,10 +75,14 @@ class EngineCoreClient:
         self._encoder = FrameEncoder()
         self._decoder = core_message_decoder()
         self._in_flight: dict[str, str] = {}  # caller's request id -> core id
+        self._id_prefix = ""  # the core's prefix for this front end's request ids (from Hello)
         self._next_id = 0
         self._calls: dict[int, asyncio.Future] = {}
         self._stats = EngineStats(0, 0, 0, 0)
         self._dead: str | None = None
+        self._hung = False  # dead because it fell silent, not because it exited
+        self._last_heard = 0.0  # loop time of the last frame from the core
+        self._watchdog_task: asyncio.Task | None = None
         self._rng = random.Random()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -103,11 +109,14 @@ class EngineCoreClient:
         if not isinstance(hello, Hello):
             raise RuntimeError(f"the engine core answered {type(hello).__name__} before Hello")
         self._info = hello.model_info
+        self._id_prefix = hello.id_prefix
         self._limits = EngineLimits(hello.model_info, hello.num_blocks, hello.block_size)
         self._tokenizer = Tokenizer.from_str(hello.tokenizer_json)
         self._processor = OutputProcessor(self._tokenizer)
         self._stats = EngineStats(0, 0, 0, hello.num_blocks)
+        self._last_heard = self._loop.time()
         self._read_task = asyncio.create_task(self._read_loop(), name="tokenrelay-engine-core-reader")
+        self._watchdog_task = asyncio.create_task(self._watchdog(), name="tokenrelay-engine-core-watchdog")
 
     async def _exit_code(self) -> int | None:
         if self._process is None:
@@ -127,6 +136,11 @@ class EngineCoreClient:
                 self._writer.write(self._encoder.encode(Shutdown()))
                 await asyncio.wait_for(self._writer.drain(), 5.0)
             self._writer.close()
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+        if self._process is not None and self._hung and self._process.poll() is None:
+            log.warning("killing the engine core process: it stopped answering")
+            self._process.kill()
         if self._process is not None and await self._exit_code() is None:
             log.warning("engine core did not exit within %.0fs: killing it", _EXIT_TIMEOUT_S)
             self._process.kill()
@@ -145,9 +159,11 @@ class EngineCoreClient:
         return self._decoder.decode(await self._reader.readexactly(n))
 
     async def _read_loop(self) -> None:
+        assert self._loop is not None
         try:
             while True:
                 message = await self._read_message()
+                self._last_heard = self._loop.time()
                 if isinstance(message, StepOutputs):
                     self._on_step(message)
                 elif isinstance(message, UtilityResult):
@@ -165,10 +181,30 @@ class EngineCoreClient:
             log.exception("engine core reader failed")
             self._die(f"engine core reader failed: {type(exc).__name__}: {exc}")
 
+    async def _watchdog(self) -> None:
+        """Declare the core dead when no frame (step, heartbeat, ...) came for HEARTBEAT_TIMEOUT_S.
+
+        A check that itself ran late (this event loop was blocked) proves nothing: frames may be
+        waiting unread, so the silence is measured again from there."""
+        assert self._loop is not None
+        loop, period = self._loop, HEARTBEAT_TIMEOUT_S / 7
+        while self._dead is None:
+            before = loop.time()
+            await asyncio.sleep(period)
+            now = loop.time()
+            if now - before > 2 * period:
+                self._last_heard = max(self._last_heard, now - period)
+                continue
+            if now - self._last_heard > HEARTBEAT_TIMEOUT_S:
+                self._hung = True
+                self._die(f"engine core sent nothing for {now - self._last_heard:.1f}s (hung)")
+                return
+
     def _on_step(self, step: StepOutputs) -> None:
         assert self._processor is not None
-        self._stats = step.stats
-        deliveries, aborts = self._processor.process(step.updates, step.num_new_tokens)
+        if step.stats is not None:
+            self._stats = step.stats
+        deliveries, aborts = self._processor.process(step)
         if aborts:
             self._send(Abort(aborts))  # finished by a stop string: the core frees them
         self._processor.deliver(deliveries)
@@ -244,7 +280,7 @@ class EngineCoreClient:
         if request.sampling.seed is None:
             request = dataclasses.replace(
                 request, sampling=dataclasses.replace(request.sampling, seed=self._rng.getrandbits(63)))
-        core_id = str(self._next_id)
+        core_id = f"{self._id_prefix}{self._next_id}"
         self._next_id += 1
         slot = OutputSlot(self._loop)
         self._processor.add(core_id, request, slot)

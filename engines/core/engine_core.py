@@ -1,7 +1,10 @@
 """The engine core: scheduler, block manager and runner, and nothing else.
 
 One `step()`: finish expired requests -> schedule() -> runner.execute(batch) -> update() ->
-one `RequestUpdate` per request touched, holding only what is new since its previous update.
+one `StepOutputs`, column by column: the ids of the requests that sampled and their new
+tokens, taken whole from the runner's answer (the core publishes every step, so what a
+request sampled this step is all that is new), and, sparsely, logprobs, first tokens and
+finished requests. No object is built per request per step.
 Text, stop strings, seeds and output slots belong to the front end (`output_processor.py`).
 The same class runs on the in-process engine's thread and in the engine-core process.
 """
@@ -14,18 +17,11 @@ from typing import Any
 
 from tokenrelay_engines.base import EngineStats, FinishReason, ModelInfo, Request
 from tokenrelay_engines.config import SchedulerConfig
-from tokenrelay_engines.core.messages import RequestUpdate
+from tokenrelay_engines.core.messages import FinishedRequest, StartedRequest, StepOutputs
 from tokenrelay_engines.core.validation import EngineLimits
 from tokenrelay_engines.scheduler.block_manager import BlockManager
 from tokenrelay_engines.scheduler.scheduler import Scheduler
-from tokenrelay_engines.scheduler.sequence import Sequence
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Held:
-    seq: Sequence
-    num_sent: int = 0  # output tokens already in an update
-    want_logprobs: bool = False
+from tokenrelay_engines.scheduler.sequence import RunnerOutput, Sequence, SequenceStatus
 
 
 class EngineCore:
@@ -39,24 +35,27 @@ class EngineCore:
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, model_info.eos_token_ids, max_len)
         self.limits = EngineLimits(self.model_info, self.block_manager.num_blocks, runner.block_size)
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Sequence] = {}  # every request not finished yet, by id
+        self._unstarted: dict[str, Sequence] = {}  # held, no output token yet
         self.stalled = False  # the last step scheduled nothing: wait for input or a deadline
 
     # ---- commands ------------------------------------------------------------------------
 
-    def add(self, request: Request) -> list[RequestUpdate]:
-        """Queue a validated request (seed resolved). Returns its final update if it can never run."""
+    def add(self, request: Request) -> StepOutputs:
+        """Queue a validated request (seed resolved). Returns its final output if it can never run."""
         assert request.sampling.seed is not None, "the front end resolves the seed"
         seq = Sequence(request, request.sampling.seed)
-        self._held[request.request_id] = _Held(seq, want_logprobs=request.sampling.logprobs is not None)
+        rid = request.request_id
+        self._held[rid] = seq
+        self._unstarted[rid] = seq
         self.scheduler.add(seq)
         self.stalled = False
-        return self._updates([seq]) if seq.is_finished else []
+        return StepOutputs(finished=self._finished([seq])) if seq.is_finished else StepOutputs()
 
-    def abort(self, request_ids: list[str]) -> list[RequestUpdate]:
-        """Finish each held request with CANCELLED (its final update); unknown ids are ignored."""
+    def abort(self, request_ids: list[str]) -> StepOutputs:
+        """Finish each held request with CANCELLED (its final output); unknown ids are ignored."""
         seqs = [seq for rid in request_ids if (seq := self.scheduler.abort(rid)) is not None]
-        return self._updates(seqs)
+        return StepOutputs(finished=self._finished(seqs))
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -67,55 +66,57 @@ class EngineCore:
     def next_deadline(self) -> float | None:
         return self.scheduler.next_deadline()
 
-    def step(self) -> tuple[list[RequestUpdate], int]:
-        """One engine step; returns the updates and the number of tokens sampled."""
+    def step(self) -> StepOutputs:
+        """One engine step: what it sampled, and which requests it finished."""
         sched = self.scheduler
-        touched = sched.finish_expired(time.monotonic())
+        ended = sched.finish_expired(time.monotonic())
         out = sched.schedule()
-        touched.extend(out.finished)
+        ended.extend(out.finished)
         self.stalled = out.is_empty and not out.preempted and not out.finished
-        num_sampled = 0
-        if not out.is_empty:
-            runner_out = self.runner.execute(out)
-            touched.extend(sched.update(out, runner_out))
-            num_sampled = len(runner_out.token_ids)
-        return self._updates(touched), num_sampled
+        if out.is_empty:
+            return StepOutputs(finished=self._finished(ended))
+        runner_out = self.runner.execute(out)
+        touched = sched.update(out, runner_out)
+        finished = SequenceStatus.FINISHED
+        ended.extend([seq for seq in touched if seq.status is finished])
+        return self._outputs(runner_out, ended)
 
-    def _updates(self, seqs: list[Sequence]) -> list[RequestUpdate]:
-        updates = []
+    def _outputs(self, runner_out: RunnerOutput, ended: list[Sequence]) -> StepOutputs:
+        # update() appended every sampled token (nothing can finish a request between
+        # schedule() and update() on the core's one thread), so the runner's answer is the delta.
+        sampled = runner_out.token_ids
+        step = StepOutputs(list(sampled), list(sampled.values()))
+        if runner_out.logprobs:
+            step.logprobs = {rid: (lp.logprob, list(lp.top)) for rid, lp in runner_out.logprobs.items()}
+        unstarted = self._unstarted
+        if unstarted:  # whichever is shorter: the requests not started yet, or this step's
+            if len(unstarted) <= len(sampled):
+                started = [seq for rid, seq in unstarted.items() if rid in sampled]
+            else:
+                started = [seq for rid in sampled if (seq := unstarted.get(rid)) is not None]
+            if started:
+                step.started = [StartedRequest(seq.request_id, seq.num_cached_tokens, seq.first_scheduled_time,
+                                               seq.first_token_time) for seq in started]
+                for seq in started:
+                    del self._unstarted[seq.request_id]
+        if ended:
+            step.finished = self._finished(ended)
+        return step
+
+    def _finished(self, seqs: list[Sequence]) -> list[FinishedRequest]:
+        """Final records for `seqs` (each once: the core forgets them here)."""
+        records = []
         for seq in seqs:
-            held = self._held.get(seq.request_id)
-            if held is None or held.seq is not seq:
+            rid = seq.request_id
+            if self._held.get(rid) is not seq:
                 continue
-            update = self._delta(held)
-            if update is not None:
-                updates.append(update)
-            if seq.is_finished:
-                del self._held[seq.request_id]
-        return updates
-
-    @staticmethod
-    def _delta(held: _Held) -> RequestUpdate | None:
-        """What is new since the previous update: slices from the sent offset, never the whole output."""
-        seq = held.seq
-        start = held.num_sent
-        new_ids = seq.token_ids[seq.num_prompt_tokens + start:]
-        finished = seq.is_finished
-        if not new_ids and not finished:
-            return None
-        held.num_sent = start + len(new_ids)
-        update = RequestUpdate(seq.request_id, new_ids)
-        if held.want_logprobs:
-            update.logprobs = [(lp.token_id, lp.logprob, list(lp.top)) for lp in seq.output_logprobs[start:]]
-        if start == 0 or finished:  # the first delta and the last carry the timings
-            update.num_cached_tokens = seq.num_cached_tokens
-            update.first_scheduled_time = seq.first_scheduled_time
-            update.first_token_time = seq.first_token_time
-        if finished:
-            update.finish_reason = seq.finish_reason
-            if seq.finish_reason is FinishReason.STOP and isinstance(seq.stop_reason, int):
-                update.stop_token_id = seq.stop_reason
-        return update
+            del self._held[rid]
+            self._unstarted.pop(rid, None)
+            stop_token = seq.stop_reason if (seq.finish_reason is FinishReason.STOP
+                                             and isinstance(seq.stop_reason, int)) else None
+            records.append(FinishedRequest(rid, seq.finish_reason, stop_token, seq.num_cached_tokens,
+                                           seq.first_scheduled_time, seq.first_token_time))
+        return records
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -124,14 +125,18 @@ class EngineCore:
         return EngineStats(sched.num_running, sched.num_waiting, bm.num_used_blocks, bm.num_blocks,
                            num_preemptions=sched.num_preemptions)
 
-    def abort_all(self) -> list[RequestUpdate]:
+    def held_with_prefix(self, prefix: str) -> list[str]:
+        return [rid for rid in self._held if rid.startswith(prefix)]
+
+    def abort_all(self) -> StepOutputs:
         return self.abort(list(self._held))
 
     def free_all(self) -> None:
-        """The loop failed: drop every request without updates (the front end reports the error)."""
-        for held in self._held.values():
+        """The loop failed: drop every request without outputs (the front end reports the error)."""
+        for seq in self._held.values():
             try:
-                self.block_manager.free(held.seq)
+                self.block_manager.free(seq)
             except Exception:  # noqa: BLE001 - the pool is abandoned anyway
                 pass
         self._held.clear()
+        self._unstarted.clear()

@@ -1,12 +1,14 @@
 """Typed frames between front ends and the engine core (msgspec msgpack, length-prefixed).
 
 Front end -> core: `AddRequest`, `Abort`, `Utility`, `Shutdown` (the `Command` union).
-Core -> front end: `Hello` once per connection, then one `StepOutputs` per engine step that
-touched one of that front end's requests, `UtilityResult`, and `CoreDead` when the loop fails.
+Core -> front end: `Hello` once per connection (with the prefix that makes that front end's
+request ids unique in the core), then one `StepOutputs` per engine step that touched one of
+that front end's requests, `UtilityResult`, and `CoreDead` when the loop fails.
 
-Only deltas cross: a `RequestUpdate` carries the token ids sampled since the previous update of
-that request, so a frame's size depends on the batch, never on how long outputs have grown.
-Nothing is pickled.
+Only deltas cross, column by column: a `StepOutputs` carries the ids of the requests that
+sampled this step and their new tokens as two flat lists, and the rare parts (logprobs, first
+tokens, finished requests) sparsely, so a frame's size depends on the batch, never on how long
+outputs have grown, and neither side builds an object per request per step. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -44,19 +46,25 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
 Command = AddRequest | Abort | Utility | Shutdown
 
 
-class RequestUpdate(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One request's delta from one step. `finish_reason` set: the core no longer holds it."""
+class FinishedRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the core no longer holds: why it ended, and its timings and prefix-cache hits."""
 
     request_id: str
-    token_ids: list[int]
-    # one (token id, logprob, ((id, logprob), ...)) per new token, when the request asked
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason
     stop_token_id: int | None = None  # with STOP: the stop token id that ended it
-    # timings and prefix-cache hits: on a request's first delta and on its final one
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+
+
+class StartedRequest(msgspec.Struct, array_like=True):
+    """A request whose first output token is in this step: when it was first scheduled, and
+    how many of its prompt tokens the prefix cache held (the final output reports them)."""
+
+    request_id: str
+    num_cached_tokens: int
+    first_scheduled_time: float | None
+    first_token_time: float | None
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -66,12 +74,29 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
     tokenizer_json: str
     num_blocks: int
     block_size: int
+    id_prefix: str = ""  # the front end starts each request id it sends with this
 
 
-class StepOutputs(msgspec.Struct, tag="step", array_like=True):
-    updates: list[RequestUpdate]
-    stats: EngineStats
-    num_new_tokens: int  # sampled this step for this front end's requests
+class StepOutputs(msgspec.Struct, tag="step", array_like=True, omit_defaults=True):
+    """One engine step's outputs for one front end, column by column.
+
+    `request_ids[i]` sampled `token_ids[i]` this step (one token per request per step: the
+    core sends every step, so a delta is at most one token). Everything rarer is sparse:
+    `logprobs` only for requests that asked, `started` on a request's first token, `finished`
+    when the core let a request go (with or without a token in this step; its token, if any,
+    comes first). The front end applies a frame with one pass over the columns.
+    """
+
+    request_ids: list[str] = []
+    token_ids: list[int] = []
+    # request id -> (logprob of its token, ((id, logprob), ...) most likely first)
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+    started: list[StartedRequest] = []
+    finished: list[FinishedRequest] = []
+    stats: EngineStats | None = None
+
+    def __len__(self) -> int:
+        return len(self.request_ids) + len(self.finished)
 
 
 class UtilityResult(msgspec.Struct, tag="result", array_like=True):
@@ -83,7 +108,15 @@ class CoreDead(msgspec.Struct, tag="dead", array_like=True):
     reason: str
 
 
-CoreMessage = Hello | StepOutputs | UtilityResult | CoreDead
+class Heartbeat(msgspec.Struct, tag="beat", array_like=True):
+    """Sent every HEARTBEAT_INTERVAL_S by a thread of the core process, however long a step
+    takes: a front end that hears nothing for HEARTBEAT_TIMEOUT_S takes the core for hung."""
+
+
+HEARTBEAT_INTERVAL_S = 0.2
+HEARTBEAT_TIMEOUT_S = 0.7  # with the front end's check every 0.1 s: a hung core is seen within 1 s
+
+CoreMessage = Hello | StepOutputs | UtilityResult | CoreDead | Heartbeat
 
 
 class FrameReader:

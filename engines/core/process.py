@@ -10,7 +10,9 @@ Unix socket that several front ends connect to (--listen-fd, `--api-server-count
 
 One thread, one loop: read whatever commands arrived (without waiting while there is work),
 apply them, run one engine step, send each front end one `StepOutputs` frame with its requests'
-deltas. A front end that disconnects has its requests aborted. The core exits with its parent
+outputs. Each connection's Hello gives it an id prefix, so request ids are unique in the core as
+the front ends send them: nothing is renamed per request, and with one front end a step's
+outputs go out as they are. A front end that disconnects has its requests aborted. The core exits with its parent
 (PR_SET_PDEATHSIG), and on a loop failure tells every front end (`CoreDead`) and exits 1.
 """
 
@@ -25,6 +27,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 
 import msgspec
@@ -32,8 +35,8 @@ import msgspec
 from tokenrelay_engines.config import TorchEngineConfig
 from tokenrelay_engines.core.engine_core import EngineCore
 from tokenrelay_engines.core.messages import (
-    Abort, AddRequest, CoreDead, FrameEncoder, FrameReader, Hello, RequestUpdate, Shutdown, StepOutputs, Utility,
-    UtilityResult, command_decoder,
+    HEARTBEAT_INTERVAL_S, Abort, AddRequest, CoreDead, FrameEncoder, FrameReader, Heartbeat, Hello, Shutdown,
+    StepOutputs, Utility, UtilityResult, command_decoder,
 )
 
 log = logging.getLogger("tokenrelay.engine_core")
@@ -46,7 +49,7 @@ class _Conn:
     index: int
     sock: socket.socket
     reader: FrameReader = dataclasses.field(default_factory=FrameReader)
-    requests: set[str] = dataclasses.field(default_factory=set)  # core ids it owns
+    prefix: str = ""  # every request id it sends starts with this
 
 
 class CoreServer:
@@ -58,11 +61,12 @@ class CoreServer:
         self._exit_when_alone = connected is not None  # the spawning front end owns this core
         self._selector = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
-        self._owners: dict[str, tuple[_Conn, str]] = {}  # core id -> (front end, its id)
         self._encoder = FrameEncoder()
         self._decoder = command_decoder()
         self._next_conn = 0
         self._stopping = False
+        self._send_lock = threading.Lock()  # the loop and the heartbeat thread both send
+        self._beating = threading.Event()  # set: stop the heartbeat thread
         if listen is not None:
             self._selector.register(listen, selectors.EVENT_READ, None)
         if connected is not None:
@@ -72,29 +76,40 @@ class CoreServer:
 
     def _open(self, sock: socket.socket) -> None:
         sock.setblocking(True)
-        conn = _Conn(self._next_conn, sock)
+        conn = _Conn(self._next_conn, sock, prefix=f"{self._next_conn}:")
         self._next_conn += 1
         self._conns[conn.index] = conn
         self._selector.register(sock, selectors.EVENT_READ, conn)
-        self._send(conn, self._hello)
+        self._send(conn, msgspec.structs.replace(self._hello, id_prefix=conn.prefix))
 
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn.index, None) is None:
             return
         self._selector.unregister(conn.sock)
         conn.sock.close()
-        ids = list(conn.requests)
-        for core_id in ids:
-            self._owners.pop(core_id, None)
-        self.core.abort(ids)  # nobody reads these any more
+        self.core.abort(self.core.held_with_prefix(conn.prefix))  # nobody reads these any more
         if self._exit_when_alone and not self._conns:
             self._stopping = True
 
     def _send(self, conn: _Conn, message: msgspec.Struct) -> None:
         try:
-            conn.sock.sendall(self._encoder.encode(message))
+            with self._send_lock:
+                conn.sock.sendall(self._encoder.encode(message))
         except OSError:
             self._close(conn)
+
+    def _heartbeat(self) -> None:
+        """Thread: a Heartbeat to every front end every HEARTBEAT_INTERVAL_S. It needs the GIL
+        only briefly (torch releases it in the forward pass), so a long step does not silence it;
+        a stopped or hung process does. Send errors are left to the loop (EOF on its read)."""
+        frame = bytes(FrameEncoder().encode(Heartbeat()))
+        while not self._beating.wait(HEARTBEAT_INTERVAL_S):
+            for conn in list(self._conns.values()):
+                try:
+                    with self._send_lock:
+                        conn.sock.sendall(frame)
+                except OSError:
+                    pass
 
     # ---- commands ------------------------------------------------------------------------
 
@@ -117,13 +132,9 @@ class CoreServer:
 
     def _apply(self, conn: _Conn, command) -> None:
         if isinstance(command, AddRequest):
-            request = command.request
-            core_id = f"{conn.index}:{request.request_id}"
-            self._owners[core_id] = (conn, request.request_id)
-            conn.requests.add(core_id)
-            self._route(self.core.add(dataclasses.replace(request, request_id=core_id)), 0)
+            self._route(self.core.add(command.request))  # its id starts with conn.prefix
         elif isinstance(command, Abort):
-            self._route(self.core.abort([f"{conn.index}:{rid}" for rid in command.request_ids]), 0)
+            self._route(self.core.abort(command.request_ids))
         elif isinstance(command, Utility):
             self._send(conn, UtilityResult(command.call_id, self.core.stats()))
         elif isinstance(command, Shutdown):
@@ -131,25 +142,29 @@ class CoreServer:
 
     # ---- outputs -------------------------------------------------------------------------
 
-    def _route(self, updates: list[RequestUpdate], num_sampled: int) -> None:
-        if not updates:
+    def _route(self, step: StepOutputs) -> None:
+        if not step:
             return
-        by_conn: dict[int, list[RequestUpdate]] = {}
-        for update in updates:
-            owner = self._owners.get(update.request_id)
-            if owner is None:
-                continue
-            conn, client_id = owner
-            if update.finish_reason is not None:
-                del self._owners[update.request_id]
-                conn.requests.discard(update.request_id)
-            update.request_id = client_id
-            by_conn.setdefault(conn.index, []).append(update)
-        stats = self.core.stats()
-        for index, batch in by_conn.items():
-            conn = self._conns.get(index)
-            if conn is not None:
-                self._send(conn, StepOutputs(batch, stats, sum(len(u.token_ids) for u in batch)))
+        step.stats = self.core.stats()
+        conns = self._conns
+        if len(conns) == 1:  # the common case: every output is its (a closed front end's were aborted)
+            self._send(next(iter(conns.values())), step)
+            return
+        for conn in list(conns.values()):
+            part = self._part(conn.prefix, step)
+            if part:
+                self._send(conn, part)
+
+    @staticmethod
+    def _part(prefix: str, step: StepOutputs) -> StepOutputs:
+        """The share of `step` that belongs to the front end whose ids start with `prefix`."""
+        keep = [i for i, rid in enumerate(step.request_ids) if rid.startswith(prefix)]
+        ids = step.request_ids
+        return StepOutputs(
+            [ids[i] for i in keep], [step.token_ids[i] for i in keep],
+            {rid: lp for rid, lp in step.logprobs.items() if rid.startswith(prefix)},
+            [s for s in step.started if s.request_id.startswith(prefix)],
+            [f for f in step.finished if f.request_id.startswith(prefix)], step.stats)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -162,21 +177,29 @@ class CoreServer:
 
     def run(self) -> int:
         core = self.core
+        beat = threading.Thread(target=self._heartbeat, name="tokenrelay-core-heartbeat", daemon=True)
+        beat.start()
+        try:
+            return self._run(core)
+        finally:
+            self._beating.set()
+            beat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+
+    def _run(self, core: EngineCore) -> int:
         try:
             while not self._stopping:
                 self._poll(self._idle_timeout())
                 if self._stopping:
                     break
                 if core.has_unfinished:
-                    updates, num_sampled = core.step()
-                    self._route(updates, num_sampled)
+                    self._route(core.step())
         except BaseException as exc:  # noqa: BLE001 - any failure kills the core, loudly
             log.exception("engine core loop failed; the engine is dead")
             reason = f"engine loop failed: {type(exc).__name__}: {exc}"
             for conn in list(self._conns.values()):
                 self._send(conn, CoreDead(reason))
             return 1
-        self._route(core.abort_all(), 0)
+        self._route(core.abort_all())
         for conn in list(self._conns.values()):
             self._close(conn)
         return 0

@@ -1,8 +1,8 @@
 """Admission rules a request must pass against the loaded model and KV pool: one table.
 
-Field-level rules (ranges of sampling values, max_tokens >= 1, ...) live with the domain types
-in `engines/base.py` (`__post_init__`) and, for proto input, at the edge in `server/convert.py`,
-which reports every bad field at once. What depends on the model and the pool lives here, checked
+Field-level rules live with the domain types in `engines/base.py`: the ranges of sampling values
+are one table there (`SAMPLING_RANGES`), applied by `SamplingParams` itself and, for proto input,
+by the edge (`server/convert.py`), which reports every bad field at once. What depends on the model and the pool lives here, checked
 once at admission by whichever engine front end takes the request (in-process or engine-core
 client), never on the engine loop, where a failure would kill the engine.
 """

@@ -48,6 +48,7 @@ class Scheduler:
         self._keys: dict[str, tuple[int, float, int]] = {}
         self._counter = itertools.count()
         self._left: list[str] = []  # request ids that left the running batch since schedule()
+        self._with_deadline: dict[str, Sequence] = {}  # unfinished sequences that have a deadline
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -77,6 +78,8 @@ class Scheduler:
         req = seq.request
         self._keys[rid] = (req.priority, req.arrival_time, next(self._counter))
         seq.status = SequenceStatus.WAITING
+        if req.deadline is not None:
+            self._with_deadline[rid] = seq
         if seq.num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
             return
@@ -93,17 +96,16 @@ class Scheduler:
 
     def finish_expired(self, now: float | None = None) -> list[Sequence]:
         """Finish every sequence whose deadline has passed with DEADLINE."""
+        if not self._with_deadline:  # the common case costs nothing per step
+            return []
         now = self.clock() if now is None else now
-        expired = [s for s in self.waiting + self.running
-                   if s.request.deadline is not None and now >= s.request.deadline]
+        expired = [s for s in self._with_deadline.values() if now >= s.request.deadline]  # type: ignore[operator]
         for seq in expired:
             self._finish(seq, FinishReason.DEADLINE)
         return expired
 
     def next_deadline(self) -> float | None:
-        deadlines = [s.request.deadline for s in self.waiting + self.running
-                     if s.request.deadline is not None]
-        return min(deadlines, default=None)
+        return min((s.request.deadline for s in self._with_deadline.values()), default=None)  # type: ignore[type-var]
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         rid = seq.request_id
@@ -112,6 +114,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self._left.append(rid)
+        self._with_deadline.pop(rid, None)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

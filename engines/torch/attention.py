@@ -41,12 +41,16 @@ class AttentionMetadata:
     # Filled by TorchAttention on the step's first layer and reused by every other layer.
     decode_plan: DecodePlan | None = None
     decode_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # CpuKernelAttention's (tables, lens)
+    # Every query length is 1; None: found from query_lens_host here (the runner knows it already).
+    decode_only: bool | None = None
 
     def __post_init__(self) -> None:
+        # Lengths are not checked per sequence here (every step, every row): the scheduler only
+        # schedules chunks with 1 <= query_len <= context_len.
         if len(self.query_lens_host) != len(self.context_lens_host):
             raise ValueError("query_lens_host and context_lens_host must have one entry per sequence")
-        if any(q < 1 or q > c for q, c in zip(self.query_lens_host, self.context_lens_host)):
-            raise ValueError("each sequence needs 1 <= query_len <= context_len")
+        if self.decode_only is None:
+            self.decode_only = all(q == 1 for q in self.query_lens_host)
 
     @property
     def num_seqs(self) -> int:
@@ -54,7 +58,7 @@ class AttentionMetadata:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_host)
+        return bool(self.decode_only)
 
 
 class DecodePlan(NamedTuple):

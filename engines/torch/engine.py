@@ -26,6 +26,7 @@ from tokenrelay_engines import tokenization
 from tokenrelay_engines.base import EngineDeadError, EngineStats, FinishReason, InvalidRequest, ModelInfo, Request
 from tokenrelay_engines.config import TorchEngineConfig
 from tokenrelay_engines.core.engine_core import EngineCore
+from tokenrelay_engines.core.messages import StepOutputs
 from tokenrelay_engines.core.output_processor import OutputProcessor, core_request
 from tokenrelay_engines.core.validation import check_request
 from tokenrelay_engines.torch.streams import OutputSlot, RequestStream
@@ -180,8 +181,7 @@ class TorchEngine:
                 self._apply(commands)
                 commands = []
                 if core.has_unfinished:
-                    updates, num_sampled = core.step()
-                    self._publish(updates, num_sampled)
+                    self._publish(core.step())
                 self._stats = core.stats()
         except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, loudly
             self._log.exception("engine loop failed; the engine is dead")
@@ -199,11 +199,11 @@ class TorchEngine:
             else:
                 self._publish(core.abort([command]))
 
-    def _publish(self, updates: list, num_sampled: int = 0) -> None:
-        if not updates:
+    def _publish(self, step: StepOutputs) -> None:
+        if not step:
             return
         assert self._core is not None and self._processor is not None
-        deliveries, aborts = self._processor.process(updates, num_sampled)
+        deliveries, aborts = self._processor.process(step)
         if aborts:
             self._core.abort(aborts)  # finished by a stop string: the core frees them now
         self._stats = self._core.stats()

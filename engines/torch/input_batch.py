@@ -13,12 +13,19 @@ inside a sequence's tokens and blocks.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
 from tokenrelay_engines.scheduler.sequence import ScheduledChunk, Sequence, SequenceStatus
 
+
+_SEQ = operator.attrgetter("seq")
+_START = operator.attrgetter("start")
+_NUM_NEW = operator.attrgetter("num_new_tokens")
+_BLOCK_TABLE = operator.attrgetter("block_table")
+_TOKEN_IDS = operator.attrgetter("token_ids")
 
 
 def step_seeds(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -43,10 +50,24 @@ class StepInputs:
     decode_idx: np.ndarray
     logits_idx: np.ndarray
     query_lens: list[int]
+    decode_only: bool  # every query length is 1
     context_lens_host: list[int]
     sample_rows: np.ndarray  # input-batch rows of the chunks that sample, in chunk order
     sample_ends: np.ndarray  # their ends (= their sequences' lengths)
     sample_chunks: list[ScheduledChunk]
+    sample_request_ids: list[str] | None = None  # their request ids, when known already
+
+
+@dataclass(slots=True, eq=False)
+class _Steady:
+    """The previous step, when it was pure decode (every chunk one token, every chunk sampled):
+    if the next step schedules the same sequences, each one token further, its rows, request ids
+    and index arrays follow from this one without reading the chunks again."""
+
+    seqs: list[Sequence]
+    rows: np.ndarray
+    ends_host: list[int]
+    request_ids: list[str]
 
 
 class InputBatch:
@@ -60,6 +81,9 @@ class InputBatch:
         self.seqs: list[Sequence | None] = []
         self._free: list[int] = []
         self._num_blocks: list[int] = []  # block ids written into each row
+        self._num_blocks_a = np.zeros(0, np.int64)  # the same, as an array (steady decode steps)
+        self._steady: _Steady | None = None
+        self._aranges: dict[int, np.ndarray] = {}  # n -> arange(n + 1), shared by steps (never written)
         self.block_table = np.zeros((0, max(1, max_blocks_per_seq)), np.int64)
         self.temperature = np.zeros(0, np.float32)
         self.top_k = np.zeros(0, np.int64)
@@ -91,6 +115,9 @@ class InputBatch:
             grown = np.zeros(new_size, arr.dtype)
             grown[:old] = arr
             setattr(self, name, grown)
+        grown_blocks = np.zeros(new_size, np.int64)
+        grown_blocks[:old] = self._num_blocks_a
+        self._num_blocks_a = grown_blocks
         table = np.zeros((new_size, self.block_table.shape[1]), np.int64)
         table[:old] = self.block_table
         self.block_table = table
@@ -103,6 +130,7 @@ class InputBatch:
             row = self.row_of.pop(rid, None)
             if row is not None:
                 self._release(row)
+                self._steady = None
 
     def _release(self, row: int) -> None:
         seq = self.seqs[row]
@@ -110,6 +138,7 @@ class InputBatch:
             self._row_of_seq.pop(seq, None)
         self.seqs[row] = None
         self._num_blocks[row] = 0
+        self._num_blocks_a[row] = 0
         self.special.discard(row)
         self.nonplain.discard(row)
         self._free.append(row)
@@ -127,6 +156,7 @@ class InputBatch:
 
     def add(self, seq: Sequence) -> int:
         """A fresh row for `seq` (replacing any row its request id held)."""
+        self._steady = None
         rid = seq.request_id
         old = self.row_of.pop(rid, None)
         if old is not None:
@@ -152,6 +182,7 @@ class InputBatch:
         if row in self.special or sp.temperature != 0 or sp.logprobs is not None:
             self.nonplain.add(row)
         self._num_blocks[row] = 0
+        self._num_blocks_a[row] = 0
         self._write_blocks(row, seq.block_table)
         return row
 
@@ -165,37 +196,44 @@ class InputBatch:
             have = 0
         self.block_table[row, have:want] = table[have:want]
         self._num_blocks[row] = want
+        self._num_blocks_a[row] = want
 
     # ---- one step ----------------------------------------------------------------------------
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Every index array of the step, from the chunks' rows, starts, lengths and new tokens."""
-        # Column by column (comprehensions and numpy): no per-chunk Python loop on the common path.
+        # Column by column (map over C-level getters, and numpy): no per-chunk Python loop on the
+        # common path.
         row_of_seq, num_blocks = self._row_of_seq, self._num_blocks
         n = len(chunks)
-        seqs = [c.seq for c in chunks]
-        starts = [c.start for c in chunks]
-        lens = [c.num_new_tokens for c in chunks]
-        rows = [row_of_seq.get(seq) for seq in seqs]
+        seqs = list(map(_SEQ, chunks))
+        starts = list(map(_START, chunks))
+        lens = list(map(_NUM_NEW, chunks))
+        steady, self._steady = self._steady, None
+        # `==` on lists compares in C (sequences by identity): the same sequences, each one token further
+        if steady is not None and lens.count(1) == n and starts == steady.ends_host and seqs == steady.seqs:
+            return self._prepare_steady(chunks, seqs, starts, steady)
+        rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
-        lengths = [len(seq.block_table) for seq in seqs]
-        if lengths != [num_blocks[row] for row in rows]:  # blocks added since the last step
+        lengths = list(map(len, map(_BLOCK_TABLE, seqs)))
+        if lengths != list(map(num_blocks.__getitem__, rows)):  # blocks added since the last step
             for seq, row, length in zip(seqs, rows, lengths):
                 if length != num_blocks[row]:
                     self._write_blocks(row, seq.block_table)
+        token_lists = list(map(_TOKEN_IDS, seqs))
         all_single = lens.count(1) == n
         if all_single:
-            ids = [seq.token_ids[start] for seq, start in zip(seqs, starts)]
+            ids = list(map(operator.getitem, token_lists, starts))
         else:
             ids = []
-            for seq, start, length in zip(seqs, starts, lens):
-                ids.extend(seq.token_ids[start:start + length])
+            for tokens, start, length in zip(token_lists, starts, lens):
+                ids.extend(tokens[start:start + length])
         bs = self.block_size
         rows_a = np.array(rows, np.int64)
         starts_a = np.array(starts, np.int64)
         ends = starts_a + (1 if all_single else np.array(lens, np.int64))
-        sample_a = np.nonzero(ends == np.array([len(seq.token_ids) for seq in seqs], np.int64))[0]
+        sample_a = np.nonzero(ends == np.array(list(map(len, token_lists)), np.int64))[0]
         max_blocks = int(-(-int(ends.max()) // bs))
         tables = self.block_table[rows_a, :max_blocks]
         cu = np.arange(n + 1, dtype=np.int64) if all_single else np.zeros(n + 1, np.int64)
@@ -208,15 +246,48 @@ class InputBatch:
             token_rows = np.repeat(np.arange(n), q)
             positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1] - starts_a, q)
         slots = tables[token_rows, positions // bs] * bs + positions % bs
+        request_ids = None
+        ends_host = ends.tolist()
+        if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
+            request_ids = [seq.request.request_id for seq in seqs]
+            self._steady = _Steady(seqs, rows_a, ends_host, request_ids)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
             decode_idx=np.arange(n, dtype=np.int64) if all_single else np.nonzero(cu[1:] - cu[:-1] == 1)[0],
             logits_idx=cu[1:][sample_a] - 1,
-            query_lens=[1] * n if all_single else lens,
-            context_lens_host=ends.tolist(),
+            query_lens=[1] * n if all_single else lens, decode_only=all_single,
+            context_lens_host=ends_host,
             sample_rows=rows_a[sample_a], sample_ends=ends[sample_a],
-            sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()])
+            sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()],
+            sample_request_ids=request_ids)
+
+    def _prepare_steady(self, chunks: list[ScheduledChunk], seqs: list[Sequence], starts: list[int],
+                        steady: _Steady) -> StepInputs:
+        """`prepare` for a decode step that follows a pure decode step over the same sequences:
+        every chunk is one token at the end of its sequence (the token sampled last step), so it
+        samples, and the rows and request ids are the previous step's. Only rows that cross into
+        a block they have not written yet read their sequence's block table."""
+        n, bs = len(chunks), self.block_size
+        rows_a = steady.rows
+        starts_a = np.array(starts, np.int64)
+        ends = starts_a + 1
+        need = (ends + (bs - 1)) // bs  # blocks covering positions < end
+        for i in np.nonzero(need > self._num_blocks_a[rows_a])[0].tolist():
+            self._write_blocks(int(rows_a[i]), seqs[i].block_table)
+        ids = list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts))
+        tables = self.block_table[rows_a, :-(-(max(starts) + 1) // bs)]
+        cu = self._aranges.get(n)
+        if cu is None:
+            cu = self._aranges[n] = np.arange(n + 1, dtype=np.int64)
+        slots = tables[cu[:-1], starts_a // bs] * bs + starts_a % bs
+        ends_host = ends.tolist()
+        self._steady = _Steady(seqs, rows_a, ends_host, steady.request_ids)
+        return StepInputs(
+            input_ids=np.array(ids, np.int64), positions=starts_a, slots=slots, tables=tables,
+            context_lens=ends, cu_seqlens_q=cu, decode_idx=cu[:-1], logits_idx=cu[:-1],
+            query_lens=[1] * n, decode_only=True, context_lens_host=ends_host,
+            sample_rows=rows_a, sample_ends=ends, sample_chunks=chunks, sample_request_ids=steady.request_ids)
 
     def sampling_arrays(self, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Per-row sampling parameters of the sampling chunks, plus the (row, token) pairs of the

@@ -85,7 +85,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         dtype = config.dtype
         if self.device.type == "cpu":
-            self.num_threads = configure_threads(config.num_threads)
+            self.num_threads = configure_threads(config.num_threads, config.reserved_cores)
             if dtype == "auto" and cpu_has_native_bf16():
                 dtype = "bfloat16"  # AMX / AVX-512 BF16: bf16 matmuls beat fp32 here
         self.dtype = resolve_dtype(dtype, self.device)
@@ -136,46 +136,47 @@ class ModelRunner:
         pack = _HostPack(self.device)
         idx = {name: pack.add(getattr(step, name)) for name in (
             "input_ids", "positions", "slots", "tables", "context_lens", "cu_seqlens_q", "decode_idx", "logits_idx")}
-        sampling = self.input_batch.sampling_arrays(step) if step.sample_chunks else None
+        # Every row greedy, no penalties, no logprobs (the common case): argmax needs no parameters.
+        plain = not self.input_batch.nonplain
+        sampling = self.input_batch.sampling_arrays(step) if step.sample_chunks and not plain else None
         sidx = {name: pack.add(arr) for name, arr in sampling.items()} if sampling is not None else None
         dev = pack.to_device()  # the step's single host -> device copy (none on CPU)
         meta = AttentionMetadata(
             positions=dev[idx["positions"]], slot_mapping=dev[idx["slots"]], block_tables=dev[idx["tables"]],
             context_lens=dev[idx["context_lens"]], cu_seqlens_q=dev[idx["cu_seqlens_q"]],
             decode_seqs=dev[idx["decode_idx"]], query_lens_host=step.query_lens,
-            context_lens_host=step.context_lens_host, block_size=self.block_size)
+            context_lens_host=step.context_lens_host, block_size=self.block_size, decode_only=step.decode_only)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
             hidden = self.cuda_graphs.run(dev[idx["input_ids"]], meta)
         else:
             hidden = self.model(dev[idx["input_ids"]], meta.positions, self.kv_cache.kv, meta, self.attention)
-        if sidx is None:
+        if not step.sample_chunks:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden[dev[idx["logits_idx"]]])
+        if sidx is None:
+            return self._collect(step, None, self.sampler.greedy(logits), None, None, None)
         batch = self._sampling_batch(step, sampling, dev, sidx)
         token_ids, chosen, top_ids, top_vals = self.sampler(logits, batch)
         return self._collect(step, sampling["logprobs"], token_ids, chosen, top_ids, top_vals)
 
     def _sampling_batch(self, step: StepInputs, sampling: dict[str, np.ndarray], dev: list[torch.Tensor],
                         sidx: dict[str, int]) -> SamplingBatch:
-        """Branch flags from the host arrays (no device sync); seeds only when a row draws."""
+        """Branch flags from the host arrays (no device sync); seeds only when a row draws. Only
+        for batches with a row that is not plain greedy (`execute` argmaxes those directly)."""
         temp = sampling["temperature"]
-        if not self.input_batch.nonplain:  # every row greedy, no penalties, no logprobs
-            flags = dict(step_seeds=[0] * len(temp), all_greedy=True, any_top_k_top_p=False, any_min_p=False,
-                         any_repetition=False, any_presence_frequency=False, max_logprobs=-1)
-        else:
-            drawn = temp != 0
-            all_greedy = not drawn.any()
-            wanted = sampling["logprobs"]
-            max_logprobs = int(wanted.max()) if len(wanted) else -1
-            flags = dict(
-                step_seeds=[0] * len(temp) if all_greedy else self.input_batch.step_seeds(step),
-                all_greedy=bool(all_greedy),
-                any_top_k_top_p=bool((drawn & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1))).any()),
-                any_min_p=bool((drawn & (sampling["min_p"] > 0)).any()),
-                any_repetition=bool((sampling["repetition_penalty"] != 1.0).any()),
-                any_presence_frequency=bool(((sampling["presence_penalty"] != 0)
-                                             | (sampling["frequency_penalty"] != 0)).any()),
-                max_logprobs=min(max_logprobs, self.model_config.vocab_size) if max_logprobs >= 0 else -1)
+        drawn = temp != 0
+        all_greedy = not drawn.any()
+        wanted = sampling["logprobs"]
+        max_logprobs = int(wanted.max()) if len(wanted) else -1
+        flags = dict(
+            step_seeds=[0] * len(temp) if all_greedy else self.input_batch.step_seeds(step),
+            all_greedy=bool(all_greedy),
+            any_top_k_top_p=bool((drawn & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1))).any()),
+            any_min_p=bool((drawn & (sampling["min_p"] > 0)).any()),
+            any_repetition=bool((sampling["repetition_penalty"] != 1.0).any()),
+            any_presence_frequency=bool(((sampling["presence_penalty"] != 0)
+                                         | (sampling["frequency_penalty"] != 0)).any()),
+            max_logprobs=min(max_logprobs, self.model_config.vocab_size) if max_logprobs >= 0 else -1)
         return SamplingBatch(
             temperature=dev[sidx["temperature"]], top_k=dev[sidx["top_k"]], top_p=dev[sidx["top_p"]],
             min_p=dev[sidx["min_p"]], repetition_penalty=dev[sidx["repetition_penalty"]],
@@ -184,9 +185,11 @@ class ModelRunner:
             output_rows=dev[sidx["out_rows"]], output_tokens=dev[sidx["out_tokens"]],
             banned_rows=dev[sidx["ban_rows"]], banned_tokens=dev[sidx["ban_tokens"]], **flags)
 
-    def _collect(self, step: StepInputs, wanted: np.ndarray, token_ids: torch.Tensor, chosen: torch.Tensor | None,
+    def _collect(self, step: StepInputs, wanted: np.ndarray | None, token_ids: torch.Tensor, chosen: torch.Tensor | None,
                  top_ids: torch.Tensor | None, top_vals: torch.Tensor | None) -> RunnerOutput:
-        rids = [c.seq.request.request_id for c in step.sample_chunks]
+        rids = step.sample_request_ids
+        if rids is None:
+            rids = [c.seq.request.request_id for c in step.sample_chunks]
         out = RunnerOutput()
         if chosen is None:
             out.token_ids = dict(zip(rids, token_ids.tolist()))  # the step's single device -> host copy

@@ -86,6 +86,12 @@ class Sampler:
         return token_ids, chosen, top_ids, top_vals
 
     @staticmethod
+    def greedy(logits: torch.Tensor) -> torch.Tensor:
+        """Argmax per row: what `__call__` returns when every row is greedy, unpenalised and
+        wants no logprobs (without building a SamplingBatch)."""
+        return logits.float().argmax(dim=-1)
+
+    @staticmethod
     def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Returns penalised logits; never modifies `logits` in place."""
         in_ptr = logits.data_ptr()

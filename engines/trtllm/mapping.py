@@ -32,6 +32,9 @@ What we deliberately do NOT hand to the executor, and why:
     them), they just do not stop the request until min_tokens is reached.
   - the deadline: `Request.allotted_time_ms` exists only in newer bindings; we cancel ourselves
     at the deadline (a loop timer + cancel_request) and report FinishReason.DEADLINE.
+  - `Request.output_kind`: the executor request always streams (`streaming=True`), also for
+    FINAL_ONLY, because our layer matches stop strings and deadlines on the stream; the caller
+    merges the deltas (FINAL_ONLY allows one output, it does not require it).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenrelay_engines.base import EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria
+from tokenrelay_engines.base import (
+    EngineDeadError, FinishReason, InvalidRequest, OutputKind, Request, SamplingParams, StoppingCriteria,
+)
 from tokenrelay_engines.config import TrtllmEngineConfig
 from tokenrelay_engines.trtllm import mapping
 from tokenrelay_engines.trtllm.engine import TrtllmEngine
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.timeout(60)
 
 # Each field of the request types, and where the test below checks it.
 COVERED = {
-    "Request": {"request_id", "prompt_token_ids", "sampling", "stopping", "priority", "arrival_time", "deadline"},
+    "Request": {"request_id", "prompt_token_ids", "sampling", "stopping", "priority", "arrival_time", "deadline",
+                "output_kind"},
     "SamplingParams": {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                        "frequency_penalty", "seed", "logprobs"},
     "StoppingCriteria": {"max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
@@ -68,6 +71,10 @@ def test_sampling_and_stopping_fields_reach_the_executor_request() -> None:
     assert req.stop_words is None  # ours, never the executor's (NVIDIA/TensorRT-LLM#5509)
     assert req.priority == pytest.approx(mapping.executor_priority(-3)) and req.priority > 0.5
     assert req.allotted_time_ms is None  # deadlines are ours (cancel_request)
+    with installed() as tllm:  # output_kind: the executor streams either way (stop strings are ours)
+        final_only = mapping.build_request(tllm, dataclasses.replace(full_request(), output_kind=OutputKind.FINAL_ONLY),
+                                           seed=1234, end_id=2)
+    assert final_only.streaming is True
 
 
 def test_greedy_ignore_eos_and_defaults() -> None:

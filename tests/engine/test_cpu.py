@@ -49,6 +49,32 @@ def test_configure_threads_sets_intra_and_one_inter_op_thread() -> None:
         torch.set_num_threads(before)
 
 
+def test_reserved_cores_are_left_to_the_front_ends_and_one_thread_always_remains(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(0, reserved_cores=physical_cores() + 4) == 1 == torch.get_num_threads()
+        assert configure_threads(0, reserved_cores=1) == max(1, physical_cores() - 1)
+        assert configure_threads(0) == physical_cores()
+        assert configure_threads(1, reserved_cores=8) == 1  # an explicit count wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_main_reserves_one_core_per_front_end_only_for_the_engine_process() -> None:
+    import argparse
+
+    from tokenrelay_server import main as server_main
+
+    def reserved(*flags: str) -> int:
+        parser = argparse.ArgumentParser()
+        server_main.add_serve_arguments(parser)
+        return server_main.config_from_args(parser.parse_args(["--model", "demo", *flags])).torch.reserved_cores
+
+    assert reserved() == 1 and reserved("--api-server-count", "2") == 2
+    assert reserved("--engine-process", "off") == 0
+
+
 def test_auto_dtype_on_cpu_follows_the_hardware() -> None:
     config = TorchEngineConfig(load_format="dummy", dummy_shape="tiny", num_threads=torch.get_num_threads(),
                                scheduler=SchedulerConfig(block_size=8, num_blocks=8))

@@ -1,9 +1,10 @@
-"""`--engine-process on`: the engine core in its own process, killed under load.
+"""`--engine-process on`: the engine core in its own process, killed (or stopped) under load.
 
 A real `python -m tokenrelay_server.main` (torch engine, dummy tiny model) whose engine core is
 SIGKILLed with streaming and unary calls and a job in flight: every call fails UNAVAILABLE within
 1 s, health is NOT_SERVING, the server exits non-zero (3), and a restarted server on the same
-job store runs the job to the end exactly once.
+job store runs the job to the end exactly once. A core that is SIGSTOPped (hung, not dead) is
+seen the same way within 1 s, by its missing heartbeat, and the server kills it on the way out.
 """
 
 from __future__ import annotations
@@ -143,6 +144,57 @@ async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once
     finally:
         second.send_signal(signal.SIGTERM)
         await asyncio.wait_for(second.wait(), 60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the core's pid")
+async def test_a_stopped_engine_core_is_taken_for_dead_within_a_second(tmp_path: Path) -> None:
+    proc, address = await spawn_server(tmp_path, f"sqlite://{tmp_path}/jobs.db")
+    core_pid = None
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            streams = [stub.GenerateStream(tg.GenerateStreamRequest(params=params(1500))) for _ in range(2)]
+            for call in streams:  # each is running: its first token arrived
+                async for event in call:
+                    if event.WhichOneof("event") == "delta" and event.delta.token_ids:
+                        break
+            unary = asyncio.ensure_future(stub.Generate(tg.GenerateRequest(params=params(1500))))
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            assert not unary.done()
+
+            (core_pid,) = child_pids(proc.pid)
+            os.kill(core_pid, signal.SIGSTOP)  # hung: the process lives, its socket stays open
+            stopped_at = time.monotonic()
+
+            async def fails(call) -> float:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    if isinstance(call, asyncio.Future):
+                        await call
+                    else:
+                        async for _ in call:
+                            pass
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+                return time.monotonic() - stopped_at
+
+            waits = await asyncio.wait_for(asyncio.gather(*(fails(c) for c in [*streams, unary])), 10)
+            assert max(waits) < 1.0, waits
+
+            async def not_serving() -> float:
+                while (await watch.read()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                    pass
+                return time.monotonic() - stopped_at
+            assert await asyncio.wait_for(not_serving(), 10) < 1.0
+        assert await asyncio.wait_for(proc.wait(), 30) == EXIT_ENGINE_DEAD
+        # the server killed (and reaped) the stopped core instead of waiting on it
+        assert not Path(f"/proc/{core_pid}").exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if core_pid is not None and Path(f"/proc/{core_pid}").exists():
+            os.kill(core_pid, signal.SIGKILL)
 
 
 def socket_fds(pid: int) -> int:

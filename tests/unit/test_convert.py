@@ -8,7 +8,8 @@ from google.rpc import code_pb2, error_details_pb2
 from tokenrelay.v1 import generation_pb2 as gen
 
 from tokenrelay_engines.base import (
-    EngineDeadError, FinishReason, InvalidRequest, ModelInfo, RequestMetrics, RequestOutput, TokenLogprob, Usage,
+    SAMPLING_RANGES, EngineDeadError, FinishReason, InvalidRequest, ModelInfo, RequestMetrics, RequestOutput,
+    SamplingParams, TokenLogprob, Usage,
 )
 from tokenrelay_server import convert
 from tokenrelay_server.errors import AdmissionRejected, InvalidRequests, ServerDraining, to_status
@@ -73,6 +74,22 @@ def test_violations_name_the_field(params, field):
         build(params)
     assert isinstance(err.value, InvalidRequests)
     assert field in [f for f, _ in err.value.violations]
+
+
+BAD_SAMPLING = {"temperature": -0.5, "top_p": 0.0, "top_k": -1, "min_p": 1.5, "repetition_penalty": 0.0,
+                "presence_penalty": 2.5, "frequency_penalty": float("nan")}
+
+
+def test_sampling_ranges_are_one_table_for_the_domain_type_and_the_edge():
+    assert [name for name, _, _ in SAMPLING_RANGES] == list(BAD_SAMPLING)
+    with pytest.raises(InvalidRequests) as err:  # the edge reports every bad field at once
+        build(gen.GenerationParams(text="a", sampling=gen.SamplingParams(**BAD_SAMPLING)))
+    edge = dict(err.value.violations)
+    for name, _, rule in SAMPLING_RANGES:
+        assert edge[f"params.sampling.{name}"].startswith(rule + ", got ")
+        with pytest.raises(InvalidRequest) as one:  # the domain type applies the same rule itself
+            SamplingParams(**{name: BAD_SAMPLING[name]})
+        assert (one.value.field, one.value.description) == (f"sampling.{name}", rule)
 
 
 @pytest.mark.parametrize("bad_id", ["x" * 129, "é", "a\nb", "\x00", "a b"])

@@ -128,3 +128,26 @@ def test_prompt_context_does_not_leak_into_output(tokenizer) -> None:
         detok.append(t)
     detok.finish()
     assert detok.take_text() == " a country"
+
+
+class _RefusingStream:
+    """Stands in for a DecodeStream that refuses a token (tokenizers raises InvalidPrefix when a
+    window's text does not extend its prefix, huggingface/tokenizers#1705)."""
+
+    def step(self, tokenizer, token_id):
+        raise Exception("InvalidPrefix")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_stream_that_refuses_a_token_is_restarted_without_losing_text(tokenizer, text) -> None:
+    ids = tokenizer.encode(text).ids
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(PROMPT).ids)
+    deltas = []
+    for i, t in enumerate(ids):
+        if i == len(ids) // 2:
+            detok._stream = _RefusingStream()  # one refusal mid-output
+        assert detok.append(t) is None
+        deltas.append(detok.take_text())
+    detok.finish()
+    deltas.append(detok.take_text())
+    assert "".join(deltas) == text

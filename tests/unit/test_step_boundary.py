@@ -1,4 +1,4 @@
-"""The engine core's step boundary: typed deltas whose size never grows with output length.
+"""The engine core's step boundary: typed column frames whose size never grows with output length.
 
 A fake runner (deterministic letters, no tensors) drives the real EngineCore and OutputProcessor
 through 2,000-token outputs; every step is encoded as the frame the core process would send.
@@ -14,13 +14,14 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 
 from tokenrelay_engines.base import (
-    EngineStats, FinishReason, InvalidRequest, ModelInfo, Request, SamplingParams, StoppingCriteria, TokenLogprob,
+    EngineStats, FinishReason, InvalidRequest, ModelInfo, OutputKind, Request, SamplingParams, StoppingCriteria,
+    TokenLogprob,
 )
 from tokenrelay_engines.config import SchedulerConfig
 from tokenrelay_engines.core import engine_core as engine_core_module
 from tokenrelay_engines.core.engine_core import EngineCore
 from tokenrelay_engines.core.messages import (
-    AddRequest, FrameEncoder, FrameReader, RequestUpdate, StepOutputs, command_decoder, core_message_decoder,
+    AddRequest, FinishedRequest, FrameEncoder, FrameReader, StepOutputs, command_decoder, core_message_decoder,
 )
 from tokenrelay_engines.core.output_processor import OutputProcessor, core_request
 from tokenrelay_engines.core.validation import RULES, check_request
@@ -78,20 +79,20 @@ def _request(i: int, logprobs: int | None = 2) -> Request:
 
 @pytest.fixture
 def counted_publish(monkeypatch: pytest.MonkeyPatch):
-    """Count the items copied out of sequences' token and logprob lists while deltas are built."""
-    original = EngineCore._updates
+    """Count the items copied out of sequences' token and logprob lists while a step's outputs are built."""
+    original = EngineCore._outputs
 
-    def counted(self, seqs):
-        for seq in seqs:
+    def counted(self, runner_out, ended):
+        for seq in self._held.values():
             if not isinstance(seq.token_ids, CountingList):
                 seq.token_ids = CountingList(seq.token_ids)
                 seq.output_logprobs = CountingList(seq.output_logprobs)
         CountingList.counting = True
         try:
-            return original(self, seqs)
+            return original(self, runner_out, ended)
         finally:
             CountingList.counting = False
-    monkeypatch.setattr(engine_core_module.EngineCore, "_updates", counted)
+    monkeypatch.setattr(engine_core_module.EngineCore, "_outputs", counted)
 
 
 async def test_per_step_publish_is_constant_for_2000_token_outputs(counted_publish) -> None:
@@ -104,31 +105,65 @@ async def test_per_step_publish_is_constant_for_2000_token_outputs(counted_publi
         processor.add(str(i), _request(i), slot)
         core.add(core_request(_request(i), str(i)))
     encoder, decoder = FrameEncoder(), core_message_decoder()
-    frame_bytes, update_bytes, copied, delivered_tokens = [], [], [], []
+    frame_bytes, column_bytes, copied, delivered_tokens = [], [], [], []
     while core.has_unfinished:
         CountingList.copied = 0
-        updates, _ = core.step()
+        step = core.step()
         copied.append(CountingList.copied)
-        frame = encoder.encode(StepOutputs(updates, core.stats(), sum(len(u.token_ids) for u in updates)))
+        step.stats = core.stats()
+        frame = encoder.encode(step)
         frame_bytes.append(len(frame))
-        update_bytes.append(len(msgspec.msgpack.encode(updates)))
+        column_bytes.append(len(msgspec.msgpack.encode((step.request_ids, step.token_ids, step.logprobs))))
         step = decoder.decode(bytes(frame[4:]))
-        deliveries, aborts = processor.process(step.updates, step.num_new_tokens)
+        deliveries, aborts = processor.process(step)
         assert not aborts
         delivered_tokens.append(sum(len(out.token_ids) for _, out in deliveries))
         processor.deliver(deliveries)
     assert len(frame_bytes) == OUTPUT_LEN  # one step per token: prefill samples the first
     decode = slice(2, OUTPUT_LEN - 1)  # steady decode steps (the first and last carry timings/finish)
-    # Items copied out of the sequences per step: one token + one logprob per request, always.
-    assert set(copied[decode]) == {16}
+    # Nothing is copied out of the sequences' token or logprob lists: the runner's answer is the delta.
+    assert set(copied) == {0}
     assert set(delivered_tokens[decode]) == {8}
-    # Bytes of the step's updates: the same at step 10 as at step 1,990 (token ids are all one byte
+    # Bytes of the step's columns: the same at step 10 as at step 1,990 (token ids are all one byte
     # here); the whole frame differs only by the width of the stats' counters.
-    assert max(update_bytes[decode]) == min(update_bytes[decode]) == update_bytes[10] == update_bytes[-10]
+    assert max(column_bytes[decode]) == min(column_bytes[decode]) == column_bytes[10] == column_bytes[-10]
     assert frame_bytes[OUTPUT_LEN - 10] - frame_bytes[10] <= 4, (frame_bytes[10], frame_bytes[OUTPUT_LEN - 10])
     finals = [slot._pending for slot in slots]
     assert all(f is not None and f.finished and f.finish_reason is FinishReason.LENGTH for f in finals)
-    assert all(len(f.token_ids) == OUTPUT_LEN == f.usage.completion_tokens for f in finals)
+    assert all(len(f.token_ids) == OUTPUT_LEN == f.usage.completion_tokens == len(f.logprobs) for f in finals)
+
+
+def _run_to_end(core: EngineCore, processor: OutputProcessor, per_step: list[int]) -> None:
+    while core.has_unfinished:
+        deliveries, aborts = processor.process(core.step())
+        if aborts:
+            processor.process(core.abort(aborts))
+        per_step.append(len(deliveries))
+        processor.deliver(deliveries)
+
+
+async def test_final_only_request_gets_one_output_with_the_same_text_and_tokens_as_a_stream() -> None:
+    loop = asyncio.get_running_loop()
+    results = {}
+    for kind in OutputKind:
+        core = EngineCore(LetterRunner(), SchedulerConfig(block_size=16))
+        processor = OutputProcessor(core.runner.tokenizer)
+        slot = OutputSlot(loop)
+        request = Request("u", [1, 2], SamplingParams(temperature=0.0, seed=1, logprobs=1),
+                          StoppingCriteria(max_tokens=40), output_kind=kind)
+        processor.add("u", request, slot)
+        core.add(core_request(request, "u"))
+        per_step: list[int] = []
+        _run_to_end(core, processor, per_step)
+        results[kind] = (slot._pending, per_step)
+    final, per_step = results[OutputKind.FINAL_ONLY]
+    stream, stream_steps = results[OutputKind.DELTA]
+    assert per_step.count(1) == 1 and set(per_step) == {0, 1}  # one delivery: the final one
+    assert stream_steps.count(1) == 40  # a stream: one per step
+    assert final.finished and final.finish_reason is FinishReason.LENGTH
+    assert final.text == stream.text == (LETTERS * 2)[:40]
+    assert final.token_ids == stream.token_ids and final.logprobs == stream.logprobs and len(final.logprobs) == 40
+    assert final.usage == stream.usage and final.seed == stream.seed == 1
 
 
 def test_commands_round_trip_as_typed_frames() -> None:
@@ -139,9 +174,10 @@ def test_commands_round_trip_as_typed_frames() -> None:
     decoded = [decoder.decode(f) for f in frames]
     assert [type(d) for d in decoded] == [AddRequest, AddRequest]
     assert decoded[0].request == request and decoded[0].request.stopping.stop == ()  # stop strings stay here
-    update = RequestUpdate("7", [5, 6], finish_reason=FinishReason.EOS)
-    step = core_message_decoder().decode(bytes(encoder.encode(StepOutputs([update], EngineStats(1, 0, 2, 8), 2)))[4:])
-    assert step.updates == [update] and step.stats == EngineStats(1, 0, 2, 8)
+    sent = StepOutputs(["7", "8"], [5, 6], {"8": (-0.5, [(6, -0.5)])},
+                       finished=[FinishedRequest("7", FinishReason.EOS)], stats=EngineStats(1, 0, 2, 8))
+    step = core_message_decoder().decode(bytes(encoder.encode(sent))[4:])
+    assert step == sent and step.stats == EngineStats(1, 0, 2, 8)
 
 
 def test_a_bad_field_in_a_frame_is_refused_by_the_domain_type() -> None:
@@ -163,11 +199,10 @@ def test_stop_string_is_matched_by_the_front_end_which_asks_the_core_to_abort() 
         core.add(core_request(request, "a"))
         aborted: list[str] = []
         while core.has_unfinished and not aborted:
-            updates, _ = core.step()
-            deliveries, aborted = processor.process(updates)
+            deliveries, aborted = processor.process(core.step())
             processor.deliver(deliveries)
         assert aborted == ["a"] and core.has_unfinished  # the core still holds it until the abort
-        assert core.abort(aborted)[0].finish_reason is FinishReason.CANCELLED
+        assert core.abort(aborted).finished[0].finish_reason is FinishReason.CANCELLED
         assert not core.has_unfinished and core.stats().kv_blocks_used == 0
         out = slot._pending
         assert out.finished and out.finish_reason is FinishReason.STOP and out.stop_reason == "de"

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenrelay_engines.base import (
-    AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, Request, SamplingParams, StoppingCriteria,
+    AsyncEngine, EngineDeadError, FinishReason, InvalidRequest, OutputKind, Request, SamplingParams,
+    StoppingCriteria,
 )
 from tokenrelay_engines.synthetic import EOS_ID, SyntheticEngine, SyntheticEngineConfig, decode, encode
 
@@ -60,6 +61,20 @@ async def test_is_an_async_engine_and_deterministic():
     assert a[0].seed == 1 and a[-1].usage.completion_tokens == 8
     m = a[-1].metrics
     assert m.first_token_time - m.first_scheduled_time >= FAST.ttft_ms / 1000 - 1e-3
+    await wait_idle(engine)
+
+
+@pytest.mark.parametrize("itl_ms", [0.0, 1.0])
+async def test_final_only_is_one_output_equal_to_the_merged_deltas(itl_ms):
+    engine = await started(SyntheticEngineConfig(ttft_ms=1, itl_ms=itl_ms))
+    stream = await run(engine, req("s", max_tokens=12, stop=("zzz",)))
+    final_only = req("f", max_tokens=12, stop=("zzz",))
+    final_only.output_kind = OutputKind.FINAL_ONLY
+    (final,) = await run(engine, final_only)
+    assert final.token_ids == [t for o in stream for t in o.token_ids] and len(final.token_ids) == 12
+    assert final.text == "".join(o.text for o in stream) and final.seed == 1
+    assert final.usage == stream[-1].usage and final.finish_reason is FinishReason.LENGTH
+    assert final.metrics.first_token_time - final.metrics.first_scheduled_time >= 1 / 1000 - 1e-3
     await wait_idle(engine)
 
 
