@@ -283,7 +283,7 @@ def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfi
                       progress: Callable[[Iterator], Iterator] | None = None,
                       kernels: CpuKernels | None = None) -> int:
     """Fill `model` from the file; raises on a missing or misshapen weight. With `kernels`, linear
-    and embedding weights stored as Q4_1 / Q8_0 stay in their blocks (`quant.blocks`); every other
+    and embedding weights stored as Q4_1 / Q8_0 stay in their blocks (`kernels.blocks`); every other
     tensor is dequantized to the model's dtype. Returns the count of tensors kept quantized."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()

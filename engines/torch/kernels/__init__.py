@@ -1,2 +1,3 @@
-"""GGUF block-quantized weights on the CPU: Q4_1 / Q8_0 blocks kept as stored, run by small AVX2
-kernels (kernels.c, built on first use by native.py) with 16-bit integer activations."""
+"""C kernels for float32 steps on x86-64 CPUs with AVX2 + FMA, built on first use (native.py):
+GGUF Q4_1 / Q8_0 weights kept in their blocks (matmul.c, blocks.py) and a decoder step's small
+operations, one call per layer each (ops.c)."""
