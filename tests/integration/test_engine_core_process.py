@@ -67,6 +67,16 @@ def params(max_tokens: int) -> gen.GenerationParams:
                                 stopping=gen.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True))
 
 
+async def running_streams(stub, count: int) -> list:
+    """`count` long GenerateStream calls, each running: its first token arrived."""
+    streams = [stub.GenerateStream(tg.GenerateStreamRequest(params=params(1500))) for _ in range(count)]
+    for call in streams:
+        async for event in call:
+            if event.WhichOneof("event") == "delta" and event.delta.token_ids:
+                break
+    return streams
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the core's pid")
 async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once(tmp_path: Path) -> None:
     store = f"sqlite://{tmp_path}/jobs.db"
@@ -77,11 +87,7 @@ async def test_sigkilled_engine_core_fails_calls_unavailable_and_jobs_rerun_once
             jobs = jobs_pb2_grpc.JobsServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             job_id = (await jobs.SubmitJob(submit_request(1500, prompt="job"), timeout=10)).job.job_id
-            streams = [stub.GenerateStream(tg.GenerateStreamRequest(params=params(1500))) for _ in range(3)]
-            for call in streams:  # each is running: its first token arrived
-                async for event in call:
-                    if event.WhichOneof("event") == "delta" and event.delta.token_ids:
-                        break
+            streams = await running_streams(stub, 3)
             unary = asyncio.ensure_future(stub.Generate(tg.GenerateRequest(params=params(1500))))
 
             async def job_running() -> None:
@@ -154,11 +160,7 @@ async def test_a_stopped_engine_core_is_taken_for_dead_within_a_second(tmp_path:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            streams = [stub.GenerateStream(tg.GenerateStreamRequest(params=params(1500))) for _ in range(2)]
-            for call in streams:  # each is running: its first token arrived
-                async for event in call:
-                    if event.WhichOneof("event") == "delta" and event.delta.token_ids:
-                        break
+            streams = await running_streams(stub, 2)
             unary = asyncio.ensure_future(stub.Generate(tg.GenerateRequest(params=params(1500))))
             watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
