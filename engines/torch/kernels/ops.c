@@ -177,7 +177,7 @@ static void softmax(float *sc, int64_t ctx) {
     for (p = 0; p < ctx; p++) sc[p] *= inv;
 }
 
-/* out[0, dim) = sum_p weights[p] * v_p, with dim <= 128 held in registers (16 vectors). */
+/* out[0, dim) = sum_p weights[p] * v_p, accumulated in registers 64 dims (8 vectors) at a time. */
 static void head_values(const float *weights, const float *kv, const int64_t *table, int64_t ctx,
                         int64_t block_size, int64_t row_stride, int64_t dim, float *out) {
     for (int64_t i0 = 0; i0 < dim; i0 += 64) { /* 64 dims (8 vectors) of accumulators at a time */
