@@ -12,6 +12,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -134,27 +135,65 @@ void tr_rope_store_kv(const float *qkv, int64_t T, int64_t heads, int64_t kv_hea
     }
 }
 
-/* One query head against positions [0, ctx) of a sequence's K (block by block, no divisions):
- * scores[p] = q . k_p * scale. dim a multiple of 16 (64 and 128 in practice). */
-static void head_scores(const float *q, const float *kv, const int64_t *table, int64_t ctx, int64_t block_size,
-                        int64_t row_stride, int64_t dim, float scale, float *scores) {
+/* The next block's rows of one KV head into the cache while this block is worked on (the rows are
+ * row_stride apart, so the hardware prefetcher sees a short run per row, not the block). */
+static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t dim) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < dim; i += 16) _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T0);
+}
+
+static inline void prefetch_rows_l2(const float *rows, int64_t n, int64_t row_stride, int64_t dim) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < dim; i += 16) _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T1);
+}
+
+/* q . k for four keys k0..k3 at once, as one vector of four sums (one horizontal reduction for four). */
+static inline __m128 dot4(const float *q, const float *k, int64_t row_stride, int64_t dim) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < dim; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + row_stride + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * row_stride + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * row_stride + i), a3);
+    }
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3)); /* [k0..k3 low | high] */
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+static inline float dot1(const float *q, const float *k, int64_t dim) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0; /* two chains: half the FMA latency per dot */
+    for (int64_t i = 0; i < dim; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+/* `n` query heads (q: [n, dim]) against positions [0, ctx) of one KV head's K, block by block: while
+ * a block is in L1 every head reads it. scores[g * ld + p] = q_g . k_p * scale. */
+static void head_scores(const float *q, int64_t n, const float *kv, int64_t vplane, const int64_t *table, int64_t ctx,
+                        int64_t block_size, int64_t row_stride, int64_t dim, float scale, float *scores, int64_t ld) {
+    const __m128 sc = _mm_set1_ps(scale);
     for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
         const float *kb = kv + table[p0 / block_size] * block_size * row_stride;
-        int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
-        for (int64_t j = 0; j < end; j++) {
-            const float *k = kb + j * row_stride;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;  /* two chains: half the FMA latency per dot */
-            for (int64_t i = 0; i < dim; i += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
-            }
-            scores[p0 + j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+        int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size, next = ctx - p0 - end;
+        if (next > 0)
+            prefetch_rows(kv + table[p0 / block_size + 1] * block_size * row_stride,
+                          next < block_size ? next : block_size, row_stride, dim);
+        prefetch_rows_l2(kb + vplane, end, row_stride, dim);
+        for (int64_t g = 0; g < n; g++) {
+            const float *qg = q + g * dim;
+            float *out = scores + g * ld + p0;
+            int64_t j = 0;
+            for (; j + 4 <= end; j += 4) _mm_storeu_ps(out + j, _mm_mul_ps(dot4(qg, kb + j * row_stride, row_stride, dim), sc));
+            for (; j < end; j++) out[j] = dot1(qg, kb + j * row_stride, dim) * scale;
         }
     }
 }
 
-/* scores[0, ctx) -> softmax in place (running maximum subtracted, float32). */
-static void softmax(float *sc, int64_t ctx) {
+/* scores[0, ctx) -> e^(score - max) in place (float32); returns their sum. */
+static float softmax_numerators(float *sc, int64_t ctx) {
     __m256 mx = _mm256_set1_ps(-INFINITY);
     int64_t p = 0;
     for (; p + 8 <= ctx; p += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + p));
@@ -173,56 +212,76 @@ static void softmax(float *sc, int64_t ctx) {
         _mm256_storeu_ps(tail, exp_nonpositive(_mm256_loadu_ps(tail)));
         for (int j = 0; p + j < ctx; j++) sc[p + j] = tail[j], total += tail[j];
     }
-    float inv = 1.0f / total;
-    for (p = 0; p < ctx; p++) sc[p] *= inv;
+    return total;
 }
 
-/* out[0, dim) = sum_p weights[p] * v_p, accumulated in registers 64 dims (8 vectors) at a time. */
-static void head_values(const float *weights, const float *kv, const int64_t *table, int64_t ctx,
-                        int64_t block_size, int64_t row_stride, int64_t dim, float *out) {
-    for (int64_t i0 = 0; i0 < dim; i0 += 64) { /* 64 dims (8 vectors) of accumulators at a time */
-        int64_t n = dim - i0 < 64 ? (dim - i0) / 8 : 8;
-        __m256 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-        for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
-            const float *vb = kv + table[p0 / block_size] * block_size * row_stride + i0;
-            int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
-            for (int64_t j = 0; j < end; j++) {
-                __m256 w = _mm256_set1_ps(weights[p0 + j]);
-                const float *v = vb + j * row_stride;
-                for (int i = 0; i < 8; i++)
-                    if (i < n) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
-            }
-        }
-        for (int i = 0; i < n; i++) _mm256_storeu_ps(out + i0 + 8 * i, acc[i]);
+/* out[0, NV * 8) = scale * sum_p weights[p] * v_p for NV vectors of dims, the accumulators in
+ * registers (a fixed NV per function, so the compiler keeps them there). */
+#define DEFINE_VALUES(NV)                                                                                    \
+    static inline void values_##NV(const float *weights, float scale, const float *kv, const int64_t *table,  \
+                                   int64_t ctx, int64_t block_size, int64_t row_stride, float *out) {        \
+        __m256 acc[NV];                                                                                      \
+        for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();                                           \
+        for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {                                                   \
+            const float *vb = kv + table[p0 / block_size] * block_size * row_stride;                         \
+            int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;                                     \
+            for (int64_t j = 0; j < end; j++) {                                                              \
+                __m256 w = _mm256_set1_ps(weights[p0 + j]);                                                  \
+                for (int i = 0; i < NV; i++)                                                                 \
+                    acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + j * row_stride + 8 * i), acc[i]);       \
+            }                                                                                                \
+        }                                                                                                    \
+        __m256 s = _mm256_set1_ps(scale);                                                                    \
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], s));                \
     }
+DEFINE_VALUES(8)
+DEFINE_VALUES(4)
+DEFINE_VALUES(2)
+
+/* out[0, dim) = sum_p weights[p] * v_p / total: 64 dims at a time, then 32, then 16. */
+static void head_values(const float *weights, float total, const float *kv, const int64_t *table, int64_t ctx,
+                        int64_t block_size, int64_t row_stride, int64_t dim, float *out) {
+    float inv = 1.0f / total;
+    int64_t i = 0;
+    for (; i + 64 <= dim; i += 64) values_8(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i);
+    if (i + 32 <= dim) values_4(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i), i += 32;
+    if (i < dim) values_2(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i);
 }
 
 /* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
  * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 16, heads a
  * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
- * the running maximum subtracted; positions past a sequence's length are never read.
+ * the running maximum subtracted; positions past a sequence's length are never read. A task is one
+ * sequence's KV head with the query heads that read it (or one query head when there are too few
+ * sequences to keep the threads busy), so each K/V row comes from memory once per task.
  * Returns 0, or -1 when the score scratch cannot be allocated. */
 int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
                         const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
                         int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
     int64_t group = heads / kv_heads, max_ctx = 0, row_stride = kv_heads * dim;
     for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
+    int64_t per_task = D * kv_heads >= 2 * omp_get_max_threads() ? group : 1; /* query heads per task */
+    int64_t tasks_per_seq = heads / per_task, ld = max_ctx + 8;
     int64_t plane = num_blocks * block_size * row_stride; /* K -> V */
     int failed = 0;
-#pragma omp parallel reduction(| : failed) if (D * heads >= 2)
+#pragma omp parallel reduction(| : failed) if (D * tasks_per_seq >= 2)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(max_ctx + 8));
+        float *scores = malloc(sizeof(float) * (size_t)(per_task * ld));
         if (scores == NULL) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < D * heads; task++) { /* (sequence, query head) */
-                int64_t s = task / heads, h = task % heads, kvh = h / group, ctx = context_lens[s];
+            for (int64_t task = 0; task < D * tasks_per_seq; task++) {
+                int64_t s = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task, kvh = h0 / group;
+                int64_t ctx = context_lens[s];
                 const int64_t *table = block_tables + s * table_stride;
-                head_scores(q + task * dim, kv + kvh * dim, table, ctx, block_size, row_stride, dim, scale, scores);
-                softmax(scores, ctx);
-                head_values(scores, kv + plane + kvh * dim, table, ctx, block_size, row_stride, dim, out + task * dim);
+                const float *qs = q + (s * heads + h0) * dim;
+                head_scores(qs, per_task, kv + kvh * dim, plane, table, ctx, block_size, row_stride, dim, scale, scores, ld);
+                for (int64_t g = 0; g < per_task; g++) {
+                    float total = softmax_numerators(scores + g * ld, ctx);
+                    head_values(scores + g * ld, total, kv + plane + kvh * dim, table, ctx, block_size, row_stride,
+                                dim, out + (s * heads + h0 + g) * dim);
+                }
             }
             free(scores);
         }
