@@ -135,16 +135,13 @@ void tr_rope_store_kv(const float *qkv, int64_t T, int64_t heads, int64_t kv_hea
     }
 }
 
-/* The next block's rows of one KV head into the cache while this block is worked on (the rows are
- * row_stride apart, so the hardware prefetcher sees a short run per row, not the block). */
-static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t dim) {
+/* Rows [0, n) of a block, `width` floats each from `rows`, into the cache (L1 or, T1, L2) ahead of use. */
+static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t width, int hint) {
     for (int64_t j = 0; j < n; j++)
-        for (int64_t i = 0; i < dim; i += 16) _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T0);
-}
-
-static inline void prefetch_rows_l2(const float *rows, int64_t n, int64_t row_stride, int64_t dim) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t i = 0; i < dim; i += 16) _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T1);
+        for (int64_t i = 0; i < width; i += 16) {
+            if (hint == _MM_HINT_T0) _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T0);
+            else _mm_prefetch((const char *)(rows + j * row_stride + i), _MM_HINT_T1);
+        }
 }
 
 /* q . k for four keys k0..k3 at once, as one vector of four sums (one horizontal reduction for four). */
@@ -170,24 +167,27 @@ static inline float dot1(const float *q, const float *k, int64_t dim) {
     return hsum(_mm256_add_ps(a0, a1));
 }
 
-/* `n` query heads (q: [n, dim]) against positions [0, ctx) of one KV head's K, block by block: while
- * a block is in L1 every head reads it. scores[g * ld + p] = q_g . k_p * scale. */
-static void head_scores(const float *q, int64_t n, const float *kv, int64_t vplane, const int64_t *table, int64_t ctx,
-                        int64_t block_size, int64_t row_stride, int64_t dim, float scale, float *scores, int64_t ld) {
+/* Query heads [h0, h0 + n) of a sequence (q: [n, dim]) against positions [0, ctx) of its K, block by
+ * block: the block's rows of the KV heads they read (`kv0` on, `width` floats) are fetched once, the
+ * next block's meanwhile, and the block's V rows into L2 for the value pass. scores[g * ld + p] =
+ * q_g . k_p * scale, with k_p of KV head (h0 + g) / group. */
+static void head_scores(const float *q, int64_t h0, int64_t n, int64_t group, const float *kv, int64_t kv0, int64_t width,
+                        int64_t vplane, const int64_t *table, int64_t ctx, int64_t block_size, int64_t row_stride,
+                        int64_t dim, float scale, float *scores, int64_t ld) {
     const __m128 sc = _mm_set1_ps(scale);
     for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
         const float *kb = kv + table[p0 / block_size] * block_size * row_stride;
         int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size, next = ctx - p0 - end;
         if (next > 0)
-            prefetch_rows(kv + table[p0 / block_size + 1] * block_size * row_stride,
-                          next < block_size ? next : block_size, row_stride, dim);
-        prefetch_rows_l2(kb + vplane, end, row_stride, dim);
+            prefetch_rows(kv + table[p0 / block_size + 1] * block_size * row_stride + kv0 * dim,
+                          next < block_size ? next : block_size, row_stride, width, _MM_HINT_T0);
+        prefetch_rows(kb + vplane + kv0 * dim, end, row_stride, width, _MM_HINT_T1);
         for (int64_t g = 0; g < n; g++) {
-            const float *qg = q + g * dim;
+            const float *qg = q + g * dim, *kh = kb + (h0 + g) / group * dim;
             float *out = scores + g * ld + p0;
             int64_t j = 0;
-            for (; j + 4 <= end; j += 4) _mm_storeu_ps(out + j, _mm_mul_ps(dot4(qg, kb + j * row_stride, row_stride, dim), sc));
-            for (; j < end; j++) out[j] = dot1(qg, kb + j * row_stride, dim) * scale;
+            for (; j + 4 <= end; j += 4) _mm_storeu_ps(out + j, _mm_mul_ps(dot4(qg, kh + j * row_stride, row_stride, dim), sc));
+            for (; j < end; j++) out[j] = dot1(qg, kh + j * row_stride, dim) * scale;
         }
     }
 }
@@ -251,16 +251,17 @@ static void head_values(const float *weights, float total, const float *kv, cons
 /* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
  * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 16, heads a
  * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
- * the running maximum subtracted; positions past a sequence's length are never read. A task is one
- * sequence's KV head with the query heads that read it (or one query head when there are too few
- * sequences to keep the threads busy), so each K/V row comes from memory once per task.
+ * the running maximum subtracted; positions past a sequence's length are never read. A task is a
+ * sequence (or, when there are too few sequences to keep the threads busy, a KV head of it with its
+ * query heads, or one query head), so each K/V row comes from memory once, block by block.
  * Returns 0, or -1 when the score scratch cannot be allocated. */
 int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
                         const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
                         int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
     int64_t group = heads / kv_heads, max_ctx = 0, row_stride = kv_heads * dim;
     for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
-    int64_t per_task = D * kv_heads >= 2 * omp_get_max_threads() ? group : 1; /* query heads per task */
+    int64_t threads = omp_get_max_threads(); /* query heads per task: as many as keeps the threads busy */
+    int64_t per_task = D >= 2 * threads ? heads : D * kv_heads >= 2 * threads ? group : 1;
     int64_t tasks_per_seq = heads / per_task, ld = max_ctx + 8;
     int64_t plane = num_blocks * block_size * row_stride; /* K -> V */
     int failed = 0;
@@ -272,15 +273,15 @@ int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_hea
         } else {
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < D * tasks_per_seq; task++) {
-                int64_t s = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task, kvh = h0 / group;
-                int64_t ctx = context_lens[s];
+                int64_t s = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task, kv0 = h0 / group;
+                int64_t ctx = context_lens[s], width = ((h0 + per_task - 1) / group + 1 - kv0) * dim;
                 const int64_t *table = block_tables + s * table_stride;
-                const float *qs = q + (s * heads + h0) * dim;
-                head_scores(qs, per_task, kv + kvh * dim, plane, table, ctx, block_size, row_stride, dim, scale, scores, ld);
+                head_scores(q + (s * heads + h0) * dim, h0, per_task, group, kv, kv0, width, plane, table, ctx,
+                            block_size, row_stride, dim, scale, scores, ld);
                 for (int64_t g = 0; g < per_task; g++) {
                     float total = softmax_numerators(scores + g * ld, ctx);
-                    head_values(scores + g * ld, total, kv + plane + kvh * dim, table, ctx, block_size, row_stride,
-                                dim, out + (s * heads + h0 + g) * dim);
+                    head_values(scores + g * ld, total, kv + plane + (h0 + g) / group * dim, table, ctx, block_size,
+                                row_stride, dim, out + (s * heads + h0 + g) * dim);
                 }
             }
             free(scores);
