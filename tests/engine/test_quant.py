@@ -39,7 +39,7 @@ def _linear(weight: BlockWeight, kernels: native.CpuKernels, bias: torch.Tensor 
     return BlockQuantLinear(weight, kernels, DenseScratch(), bias=bias)
 
 
-def _integer_path(kernels: native.CpuKernels, weight: BlockWeight, x: torch.Tensor) -> torch.Tensor:
+def _kernel(kernels: native.CpuKernels, weight: BlockWeight, x: torch.Tensor) -> torch.Tensor:
     """The C entry itself (any row count; the layer uses it below DENSE_MIN_ROWS rows)."""
     y = torch.empty(x.shape[0], weight.out_features)
     args = (weight.qs, weight.d) if weight.m is None else (weight.qs, weight.d, weight.m)
@@ -49,8 +49,8 @@ def _integer_path(kernels: native.CpuKernels, weight: BlockWeight, x: torch.Tens
     return y
 
 
-def _reference(x: np.ndarray, weight: BlockWeight) -> np.ndarray:
-    """The promised arithmetic in numpy: x to int16 per block of 32 (scale max|x|/32767, round half
+def _integer_reference(x: np.ndarray, weight: BlockWeight) -> np.ndarray:
+    """The integer path's arithmetic in numpy: x to int16 per block of 32 (scale max|x|/32767, round half
     to even, in float32 as the kernel does), integer block dot products, scales applied per block."""
     m_rows, k = x.shape
     xb = x.reshape(m_rows, -1, 32)
@@ -83,19 +83,25 @@ def test_blocks_dequantize_exactly_as_gguf_does(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 32), (1, 7, 96), (2, 64, 576), (3, 33, 64), (4, 16, 160),
-                                           (5, 9, 32), (63, 17, 96), (64, 5, 64), (65, 31, 96), (130, 8, 1536)])
+                                           (5, 9, 32), (7, 3, 64), (8, 7, 64), (9, 1, 32), (11, 16, 96),
+                                           (32, 33, 576), (63, 17, 96), (64, 5, 64), (65, 31, 96), (130, 8, 1536)])
 def test_kernels_compute_the_promised_arithmetic(kernels, kind: str, m: int, n: int, k: int) -> None:
+    """Rows of x under float_min_rows: the integer path's arithmetic; from there on: float32 products
+    of the exactly dequantized weights (tiles of 4 rows x 2 columns, odd n and row tails included)."""
     weight, dense = _blocks(kind, n, k, seed=m * 1000 + n)
     x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
     x[0, :32] = 0.0  # an all-zero block quantizes to zeros, not NaN
-    y = _integer_path(kernels, weight, x)
-    ref = _reference(x.numpy(), weight)
+    y = _kernel(kernels, weight, x)
     bound = np.abs(x.numpy()) @ np.abs(dense).T  # the size of the sums: float rounding is relative to it
-    assert y.shape == (m, n) and y.dtype == torch.float32
-    assert np.all(np.abs(y.numpy() - ref) <= 1e-5 * bound + 1e-6), np.abs(y.numpy() - ref).max()
-    # and as close to the float product as float32 matmuls are (16-bit activations)
     exact = x.numpy().astype(np.float64) @ dense.T.astype(np.float64)
-    assert np.all(np.abs(y.numpy() - exact) <= 1e-4 * bound + 1e-6), np.abs(y.numpy() - exact).max()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    if m < kernels.float_min_rows:
+        ref = _integer_reference(x.numpy(), weight)
+        assert np.all(np.abs(y.numpy() - ref) <= 1e-5 * bound + 1e-6), np.abs(y.numpy() - ref).max()
+        # and as close to the float product as 16-bit activations allow
+        assert np.all(np.abs(y.numpy() - exact) <= 1e-4 * bound + 1e-6), np.abs(y.numpy() - exact).max()
+    else:  # float32 sums of k products: rounding well under 1e-6 of their size
+        assert np.all(np.abs(y.numpy() - exact) <= 1e-6 * bound + 1e-7), np.abs(y.numpy() - exact).max()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,7 +110,7 @@ def test_the_layer_switches_to_an_exact_float_matmul_for_many_rows(kernels, kind
     lin = _linear(weight, kernels)
     few = torch.randn(DENSE_MIN_ROWS - 1, 96)
     many = torch.randn(DENSE_MIN_ROWS, 96)
-    assert torch.equal(lin(few), _integer_path(kernels, weight, few))
+    assert torch.equal(lin(few), _kernel(kernels, weight, few))
     assert torch.equal(lin(many), torch.mm(many, torch.from_numpy(dense).t()))  # weights dequantized exactly
     assert lin.scratch.buffer.numel() == 40 * 96
 
@@ -125,14 +131,19 @@ def test_activations_round_to_int16_per_block(kernels) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_row_is_independent_of_the_batch(kernels, kind: str) -> None:
-    """Below DENSE_MIN_ROWS a row's result is bit-identical alone and inside any batch (no
-    batch-size-dependent sums in the integer path)."""
-    weight, _ = _blocks(kind, 50, 192)
+    """Within each kernel path a row's result is bit-identical whatever the other rows are: alone or
+    in any batch under float_min_rows, and in any batch from there to DENSE_MIN_ROWS (tails of 1-3
+    rows included)."""
+    weight, _ = _blocks(kind, 51, 192)
     lin = _linear(weight, kernels)
+    low = kernels.float_min_rows
     x = torch.randn(DENSE_MIN_ROWS - 1, 192)
+    few = lin(x[:low - 1])
+    for r in range(low - 1):
+        assert torch.equal(lin(x[r:r + 1]), few[r:r + 1])
     together = lin(x)
-    for r in (0, 3, 4, 5, 8, DENSE_MIN_ROWS - 2):
-        assert torch.equal(lin(x[r:r + 1]), together[r:r + 1])
+    for start, rows in ((0, low), (3, low + 1), (5, low + 2), (9, low + 3), (1, DENSE_MIN_ROWS - 2)):
+        assert torch.equal(lin(x[start:start + rows]), together[start:start + rows])
 
 
 def test_bias_other_dtypes_and_leading_dims(kernels) -> None:

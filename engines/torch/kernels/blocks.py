@@ -95,12 +95,14 @@ class BlockWeight:
 
 
 class BlockQuantLinear(nn.Module):
-    """y = x @ W^T (+ bias), W in GGUF blocks; x is quantized to 16 bits per block of 32 on the fly.
+    """y = x @ W^T (+ bias), W in GGUF blocks, by row count: under `kernels.float_min_rows` rows x is
+    rounded to 16 bits per block of 32 and multiplied in integers; up to DENSE_MIN_ROWS the kernel
+    dequantizes weight rows into L1 and multiplies in float32; from DENSE_MIN_ROWS rows on, the weight
+    is dequantized into `scratch` (exactly) and multiplied by torch's BLAS. So a row's result depends
+    on which of the three ranges the batch size falls in, never on the other rows within one.
 
     Float32 in and out of the kernels (other dtypes are converted at the edges); `dtype` is the
-    model's, for a float copy of the weight (`_fused_linear` when formats are mixed). From
-    DENSE_MIN_ROWS rows on, the weight is dequantized into `scratch` (exactly, float32 activations)
-    and multiplied by torch's BLAS instead, so results of a row depend on the batch size. A decode step
+    model's, for a float copy of the weight (`_fused_linear` when formats are mixed). A decode step
     calls every linear layer once per token batch, so the call is kept lean: the C function and the
     weight pointers are looked up once (and again after `.to()` and the like, see `_apply`)."""
 

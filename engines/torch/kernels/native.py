@@ -48,8 +48,10 @@ _SIGNATURES = {
     "tr_rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "tr_add_rms_norm": [_P, _P, _I, _I, _P, _F, _P],
     "tr_decode_attention": [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _F, _P],
+    "tr_float_min_rows": [],
 }
-_RESTYPES = {"tr_q4_1_linear": ctypes.c_int, "tr_q8_0_linear": ctypes.c_int, "tr_decode_attention": ctypes.c_int}
+_RESTYPES = {"tr_q4_1_linear": ctypes.c_int, "tr_q8_0_linear": ctypes.c_int, "tr_decode_attention": ctypes.c_int,
+             "tr_float_min_rows": ctypes.c_int}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +67,13 @@ class CpuKernels:
 
     def linear_fn(self, kind: str) -> Callable[..., int]:
         """The C entry for a weight format: fn(x, M, K, qs, d, [m,] N, y) -> 0 (or -1: out of memory),
-        pointers as ints; y = x @ W^T with x float32 [M, K] and y float32 [M, N], both contiguous."""
+        pointers as ints; y = x @ W^T with x float32 [M, K] and y float32 [M, N], both contiguous.
+        Below `float_min_rows` rows x is rounded to 16 bits (integer path), from there on not."""
         return self.library.tr_q4_1_linear if kind == "Q4_1" else self.library.tr_q8_0_linear
+
+    @property
+    def float_min_rows(self) -> int:
+        return self.library.tr_float_min_rows()
 
     def dequantize(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
                    out: torch.Tensor) -> torch.Tensor:
