@@ -40,7 +40,7 @@ class AttentionMetadata:
     block_size: int
     # Filled by TorchAttention on the step's first layer and reused by every other layer.
     decode_plan: DecodePlan | None = None
-    decode_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # CpuKernelAttention's (tables, lens)
+    kernel_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # CpuKernelAttention's (tables, lens) per token
     # Every query length is 1; None: found from query_lens_host here (the runner knows it already).
     decode_only: bool | None = None
 
@@ -172,21 +172,24 @@ class TorchAttention:
 
 
 class CpuKernelAttention(TorchAttention):
-    """TorchAttention with the decode rows attended by one C call per layer (kernels/ops.c), which
-    reads K/V in place from the paged cache (no block copies, no padding mask). Float32 only, head
-    dims a multiple of 16; prefill chunks stay with SDPA."""
+    """TorchAttention with each layer's attention one C call (kernels/ops.c) that reads K/V in place
+    from the paged cache (no block copies, no padding mask). Every token of the step is a row of its
+    own, with its sequence's block table and its position + 1 as context length: decode rows as they
+    are, prefill chunks causal without a mask. Float32 only, head dims a multiple of 16; other steps
+    go to TorchAttention."""
 
     def __init__(self, kernels: CpuKernels) -> None:
         self.kernels = kernels
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        if q.dtype != torch.float32 or q.shape[-1] % 16 or kv_cache.dtype != torch.float32:
-            return super()._decode(q, kv_cache, meta, scale)
-        if meta.decode_rows is None:
-            rows = meta.decode_seqs
-            everyone = len(rows) == meta.num_seqs
-            meta.decode_rows = (meta.block_tables if everyone else meta.block_tables[rows].contiguous(),
-                                meta.context_lens if everyone else meta.context_lens[rows].contiguous())
-        tables, lens = meta.decode_rows
-        return self.kernels.decode_attention(q.contiguous(), kv_cache, tables, lens, scale)
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        if query.dtype != torch.float32 or query.shape[-1] % 16 or kv_cache.dtype != torch.float32:
+            return super().attend(query, kv_cache, meta, scale)
+        if meta.kernel_rows is None:
+            if meta.is_decode_only:
+                meta.kernel_rows = (meta.block_tables, meta.context_lens)
+            else:
+                seqs = torch.repeat_interleave(torch.arange(meta.num_seqs), torch.tensor(meta.query_lens_host))
+                meta.kernel_rows = (meta.block_tables.index_select(0, seqs), meta.positions + 1)
+        tables, lens = meta.kernel_rows
+        return self.kernels.paged_attention(query.contiguous(), kv_cache, tables, lens, scale)

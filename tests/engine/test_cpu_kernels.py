@@ -36,12 +36,12 @@ def check(kernels, seqs, *, block_size=16, heads=4, kv_heads=2, head_dim=32, see
 
 
 @pytest.mark.parametrize("ctxs", [[1, 15, 16, 17], [31, 32, 33, 48], [5, 64, 7, 2], [1000, 9]])
-def test_decode_attention_at_block_boundaries(kernels, ctxs) -> None:
+def test_paged_attention_at_block_boundaries(kernels, ctxs) -> None:
     check(kernels, [(1, c) for c in ctxs], seed=sum(ctxs))
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 8, 16), (4, 1, 128)])
-def test_decode_attention_with_grouped_query_heads(kernels, heads: int, kv_heads: int, head_dim: int) -> None:
+def test_paged_attention_with_grouped_query_heads(kernels, heads: int, kv_heads: int, head_dim: int) -> None:
     check(kernels, [(1, 40), (1, 3), (1, 129)], heads=heads, kv_heads=kv_heads, head_dim=head_dim, seed=heads)
 
 

@@ -47,10 +47,10 @@ _SIGNATURES = {
     "tr_silu_mul": [_P, _I, _I, _P],
     "tr_rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "tr_add_rms_norm": [_P, _P, _I, _I, _P, _F, _P],
-    "tr_decode_attention": [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _F, _P],
+    "tr_paged_attention": [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _F, _P],
     "tr_float_min_rows": [],
 }
-_RESTYPES = {"tr_q4_1_linear": ctypes.c_int, "tr_q8_0_linear": ctypes.c_int, "tr_decode_attention": ctypes.c_int,
+_RESTYPES = {"tr_q4_1_linear": ctypes.c_int, "tr_q8_0_linear": ctypes.c_int, "tr_paged_attention": ctypes.c_int,
              "tr_float_min_rows": ctypes.c_int}
 
 
@@ -118,14 +118,15 @@ class CpuKernels:
                                       kv_cache[0].numel(), q.data_ptr())
         return q
 
-    def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """q float32 [D, heads, dim] (one token per sequence) against kv_cache float32 [2, blocks,
-        block_size, kv_heads, dim]; block_tables int64 [D, n], context_lens int64 [D]; all contiguous."""
+    def paged_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """q float32 [D, heads, dim] (D query rows, each attending positions [0, context_lens[row]) of
+        its block table) against kv_cache float32 [2, blocks, block_size, kv_heads, dim];
+        block_tables int64 [D, n], context_lens int64 [D]; all contiguous."""
         rows, heads, dim = q.shape
         _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
         out = torch.empty_like(q)
-        status = self.library.tr_decode_attention(
+        status = self.library.tr_paged_attention(
             q.data_ptr(), rows, heads, kv_heads, dim, kv_cache.data_ptr(), num_blocks, block_size,
             block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), scale, out.data_ptr())
         if status != 0:

@@ -6,9 +6,11 @@
  *   tr_silu_mul          out = silu(gate) * up from the fused [gate | up] projection
  *   tr_rope_store_kv     rotary embedding of q and k from the fused [q | k | v] projection, k and v
  *                        written to their cache slots
- *   tr_decode_attention  one query token per sequence against its paged K/V cache
+ *   tr_paged_attention   query rows, each against positions [0, its context length) of the paged
+ *                        K/V cache through its block table (a prefill token: its position + 1)
  *
- * Rows / (sequence, KV head) pairs are split across OpenMP threads when there are enough of them.
+ * Rows (or, for attention with few rows, KV heads) are split across OpenMP threads when there are
+ * enough of them.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -248,16 +250,17 @@ static void head_values(const float *weights, float total, const float *kv, cons
     if (i < dim) values_2(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i);
 }
 
-/* q [D, heads, dim] -> out [D, heads, dim]; kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
+/* q [D, heads, dim] -> out [D, heads, dim], D query rows (decode tokens, or prefill tokens each with
+ * its own causal context length); kv [2, num_blocks, block_size, kv_heads, dim] (K then V);
  * block_tables [D, table_stride] int64; context_lens [D] int64 (>= 1). dim a multiple of 16, heads a
  * multiple of kv_heads (query head h reads KV head h / (heads / kv_heads)). Softmax in float32 with
- * the running maximum subtracted; positions past a sequence's length are never read. A task is a
- * sequence (or, when there are too few sequences to keep the threads busy, a KV head of it with its
- * query heads, or one query head), so each K/V row comes from memory once, block by block.
+ * the running maximum subtracted; positions past a row's length are never read. A task is a row (or,
+ * when there are too few rows to keep the threads busy, a KV head of it with its query heads, or one
+ * query head), so each K/V row comes from memory once per task, block by block.
  * Returns 0, or -1 when the score scratch cannot be allocated. */
-int tr_decode_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
-                        const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
-                        int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
+int tr_paged_attention(const float *q, int64_t D, int64_t heads, int64_t kv_heads, int64_t dim,
+                       const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
+                       int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
     int64_t group = heads / kv_heads, max_ctx = 0, row_stride = kv_heads * dim;
     for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
     int64_t threads = omp_get_max_threads(); /* query heads per task: as many as keeps the threads busy */
