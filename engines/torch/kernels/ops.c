@@ -169,7 +169,7 @@ static inline float dot1(const float *q, const float *k, int64_t dim) {
     return hsum(_mm256_add_ps(a0, a1));
 }
 
-/* Query heads [h0, h0 + n) of a sequence (q: [n, dim]) against positions [0, ctx) of its K, block by
+/* Query heads [h0, h0 + n) of a row (q: [n, dim]) against positions [0, ctx) of its K, block by
  * block: the block's rows of the KV heads they read (`kv0` on, `width` floats) are fetched once, the
  * next block's meanwhile, and the block's V rows into L2 for the value pass. scores[g * ld + p] =
  * q_g . k_p * scale, with k_p of KV head (h0 + g) / group. */
@@ -262,29 +262,29 @@ int tr_paged_attention(const float *q, int64_t D, int64_t heads, int64_t kv_head
                        const float *kv, int64_t num_blocks, int64_t block_size, const int64_t *block_tables,
                        int64_t table_stride, const int64_t *context_lens, float scale, float *out) {
     int64_t group = heads / kv_heads, max_ctx = 0, row_stride = kv_heads * dim;
-    for (int64_t s = 0; s < D; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
+    for (int64_t r = 0; r < D; r++) max_ctx = context_lens[r] > max_ctx ? context_lens[r] : max_ctx;
     int64_t threads = omp_get_max_threads(); /* query heads per task: as many as keeps the threads busy */
     int64_t per_task = D >= 2 * threads ? heads : D * kv_heads >= 2 * threads ? group : 1;
-    int64_t tasks_per_seq = heads / per_task, ld = max_ctx + 8;
+    int64_t tasks_per_row = heads / per_task, ld = max_ctx + 8;
     int64_t plane = num_blocks * block_size * row_stride; /* K -> V */
     int failed = 0;
-#pragma omp parallel reduction(| : failed) if (D * tasks_per_seq >= 2)
+#pragma omp parallel reduction(| : failed) if (D * tasks_per_row >= 2)
     {
         float *scores = malloc(sizeof(float) * (size_t)(per_task * ld));
         if (scores == NULL) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < D * tasks_per_seq; task++) {
-                int64_t s = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task, kv0 = h0 / group;
-                int64_t ctx = context_lens[s], width = ((h0 + per_task - 1) / group + 1 - kv0) * dim;
-                const int64_t *table = block_tables + s * table_stride;
-                head_scores(q + (s * heads + h0) * dim, h0, per_task, group, kv, kv0, width, plane, table, ctx,
+            for (int64_t task = 0; task < D * tasks_per_row; task++) {
+                int64_t r = task / tasks_per_row, h0 = task % tasks_per_row * per_task, kv0 = h0 / group;
+                int64_t ctx = context_lens[r], width = ((h0 + per_task - 1) / group + 1 - kv0) * dim;
+                const int64_t *table = block_tables + r * table_stride;
+                head_scores(q + (r * heads + h0) * dim, h0, per_task, group, kv, kv0, width, plane, table, ctx,
                             block_size, row_stride, dim, scale, scores, ld);
                 for (int64_t g = 0; g < per_task; g++) {
                     float total = softmax_numerators(scores + g * ld, ctx);
                     head_values(scores + g * ld, total, kv + plane + (h0 + g) / group * dim, table, ctx, block_size,
-                                row_stride, dim, out + (s * heads + h0 + g) * dim);
+                                row_stride, dim, out + (r * heads + h0 + g) * dim);
                 }
             }
             free(scores);
