@@ -189,26 +189,22 @@ static void q8_0_matmul(const int16_t *xq, const float *dx, int64_t M, int64_t K
 /* One block of 32 weights as float32, bit-identical to the reference dequantization (d * q is exact in
  * float32, so fma(q, d, m) rounds once, as d * q + m does). */
 static inline void dequantize_q4_1_block(const uint8_t *qs, float d, float m, float *w) {
-    __m256i q[2];
-    unpack_q4(qs, q);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
+    __m128i half[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
     __m256 s = _mm256_set1_ps(d), mn = _mm256_set1_ps(m);
     for (int h = 0; h < 2; h++) {
-        __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])));
-        __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1)));
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half[h]));
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half[h], 8)));
         _mm256_storeu_ps(w + 16 * h, _mm256_fmadd_ps(lo, s, mn));
         _mm256_storeu_ps(w + 16 * h + 8, _mm256_fmadd_ps(hi, s, mn));
     }
 }
 
 static inline void dequantize_q8_0_block(const int8_t *qs, float d, float *w) {
-    __m256i q[2];
-    unpack_q8(qs, q);
     __m256 s = _mm256_set1_ps(d);
-    for (int h = 0; h < 2; h++) {
-        __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])));
-        __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1)));
-        _mm256_storeu_ps(w + 16 * h, _mm256_mul_ps(lo, s));
-        _mm256_storeu_ps(w + 16 * h + 8, _mm256_mul_ps(hi, s));
+    for (int j = 0; j < 4; j++) {
+        __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * j)));
+        _mm256_storeu_ps(w + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
     }
 }
 
