@@ -146,6 +146,21 @@ static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_strid
         }
 }
 
+/* q . k for eight keys k0..k7 at once (eight FMA chains, one load of q for eight keys), as one vector
+ * of eight sums. */
+static inline __m256 dot8(const float *q, const float *k, int64_t row_stride, int64_t dim) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row_stride + i), a[j]);
+    }
+    /* [k0..k3 | k0..k3] halves and [k4..k7 | k4..k7] halves, then the halves added */
+    __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
 /* q . k for four keys k0..k3 at once, as one vector of four sums (one horizontal reduction for four). */
 static inline __m128 dot4(const float *q, const float *k, int64_t row_stride, int64_t dim) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -177,6 +192,7 @@ static void head_scores(const float *q, int64_t h0, int64_t n, int64_t group, co
                         int64_t vplane, const int64_t *table, int64_t ctx, int64_t block_size, int64_t row_stride,
                         int64_t dim, float scale, float *scores, int64_t ld) {
     const __m128 sc = _mm_set1_ps(scale);
+    const __m256 sc8 = _mm256_set1_ps(scale);
     for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
         const float *kb = kv + table[p0 / block_size] * block_size * row_stride;
         int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size, next = ctx - p0 - end;
@@ -188,6 +204,8 @@ static void head_scores(const float *q, int64_t h0, int64_t n, int64_t group, co
             const float *qg = q + g * dim, *kh = kb + (h0 + g) / group * dim;
             float *out = scores + g * ld + p0;
             int64_t j = 0;
+            for (; j + 8 <= end; j += 8)
+                _mm256_storeu_ps(out + j, _mm256_mul_ps(dot8(qg, kh + j * row_stride, row_stride, dim), sc8));
             for (; j + 4 <= end; j += 4) _mm_storeu_ps(out + j, _mm_mul_ps(dot4(qg, kh + j * row_stride, row_stride, dim), sc));
             for (; j < end; j++) out[j] = dot1(qg, kh + j * row_stride, dim) * scale;
         }
@@ -217,37 +235,46 @@ static float softmax_numerators(float *sc, int64_t ctx) {
     return total;
 }
 
-/* out[0, NV * 8) = scale * sum_p weights[p] * v_p for NV vectors of dims, the accumulators in
- * registers (a fixed NV per function, so the compiler keeps them there). */
+/* acc[0, NV * 8) += sum_j weights[j] * v_j over a block's rows j < n (the accumulators in registers
+ * for the block: a fixed NV per function, so the compiler keeps them there). */
 #define DEFINE_VALUES(NV)                                                                                    \
-    static inline void values_##NV(const float *weights, float scale, const float *kv, const int64_t *table,  \
-                                   int64_t ctx, int64_t block_size, int64_t row_stride, float *out) {        \
+    static inline void values_##NV(const float *weights, const float *vb, int64_t n, int64_t row_stride,      \
+                                   float *acc_out) {                                                         \
         __m256 acc[NV];                                                                                      \
-        for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();                                           \
-        for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {                                                   \
-            const float *vb = kv + table[p0 / block_size] * block_size * row_stride;                         \
-            int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;                                     \
-            for (int64_t j = 0; j < end; j++) {                                                              \
-                __m256 w = _mm256_set1_ps(weights[p0 + j]);                                                  \
-                for (int i = 0; i < NV; i++)                                                                 \
-                    acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + j * row_stride + 8 * i), acc[i]);       \
-            }                                                                                                \
+        for (int i = 0; i < NV; i++) acc[i] = _mm256_loadu_ps(acc_out + 8 * i);                              \
+        for (int64_t j = 0; j < n; j++) {                                                                    \
+            __m256 w = _mm256_set1_ps(weights[j]);                                                           \
+            for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + j * row_stride + 8 * i), acc[i]); \
         }                                                                                                    \
-        __m256 s = _mm256_set1_ps(scale);                                                                    \
-        for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], s));                \
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(acc_out + 8 * i, acc[i]);                              \
     }
 DEFINE_VALUES(8)
 DEFINE_VALUES(4)
 DEFINE_VALUES(2)
 
-/* out[0, dim) = sum_p weights[p] * v_p / total: 64 dims at a time, then 32, then 16. */
-static void head_values(const float *weights, float total, const float *kv, const int64_t *table, int64_t ctx,
-                        int64_t block_size, int64_t row_stride, int64_t dim, float *out) {
-    float inv = 1.0f / total;
-    int64_t i = 0;
-    for (; i + 64 <= dim; i += 64) values_8(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i);
-    if (i + 32 <= dim) values_4(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i), i += 32;
-    if (i < dim) values_2(weights, inv, kv + i, table, ctx, block_size, row_stride, out + i);
+/* out_g[0, dim) = sum_p weights_g[p] * v_p / totals[g] for query heads [h0, h0 + n) (weights_g at
+ * weights + g * ld), block by block: while a block's V rows are in L1 every head reads them. */
+static void head_values(const float *weights, int64_t ld, const float *totals, int64_t h0, int64_t n, int64_t group,
+                        const float *kv, const int64_t *table, int64_t ctx, int64_t block_size, int64_t row_stride,
+                        int64_t dim, float *out) {
+    for (int64_t i = 0; i < n * dim; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+    for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+        const float *vb = kv + table[p0 / block_size] * block_size * row_stride;
+        int64_t end = ctx - p0 < block_size ? ctx - p0 : block_size;
+        for (int64_t g = 0; g < n; g++) {
+            const float *w = weights + g * ld + p0, *vh = vb + (h0 + g) / group * dim;
+            float *o = out + g * dim;
+            int64_t i = 0;
+            for (; i + 64 <= dim; i += 64) values_8(w, vh + i, end, row_stride, o + i);
+            if (i + 32 <= dim) values_4(w, vh + i, end, row_stride, o + i), i += 32;
+            if (i < dim) values_2(w, vh + i, end, row_stride, o + i);
+        }
+    }
+    for (int64_t g = 0; g < n; g++) {
+        __m256 inv = _mm256_set1_ps(1.0f / totals[g]);
+        for (int64_t i = 0; i < dim; i += 8)
+            _mm256_storeu_ps(out + g * dim + i, _mm256_mul_ps(_mm256_loadu_ps(out + g * dim + i), inv));
+    }
 }
 
 /* q [D, heads, dim] -> out [D, heads, dim], D query rows (decode tokens, or prefill tokens each with
@@ -270,7 +297,7 @@ int tr_paged_attention(const float *q, int64_t D, int64_t heads, int64_t kv_head
     int failed = 0;
 #pragma omp parallel reduction(| : failed) if (D * tasks_per_row >= 2)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(per_task * ld));
+        float *scores = malloc(sizeof(float) * (size_t)(per_task * (ld + 1))), *totals = scores + per_task * ld;
         if (scores == NULL) {
             failed = 1;
         } else {
@@ -281,11 +308,9 @@ int tr_paged_attention(const float *q, int64_t D, int64_t heads, int64_t kv_head
                 const int64_t *table = block_tables + r * table_stride;
                 head_scores(q + (r * heads + h0) * dim, h0, per_task, group, kv, kv0, width, plane, table, ctx,
                             block_size, row_stride, dim, scale, scores, ld);
-                for (int64_t g = 0; g < per_task; g++) {
-                    float total = softmax_numerators(scores + g * ld, ctx);
-                    head_values(scores + g * ld, total, kv + plane + (h0 + g) / group * dim, table, ctx, block_size,
-                                row_stride, dim, out + (r * heads + h0 + g) * dim);
-                }
+                for (int64_t g = 0; g < per_task; g++) totals[g] = softmax_numerators(scores + g * ld, ctx);
+                head_values(scores, ld, totals, h0, per_task, group, kv + plane, table, ctx, block_size, row_stride,
+                            dim, out + (r * heads + h0) * dim);
             }
             free(scores);
         }
