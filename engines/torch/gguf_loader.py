@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenrelay_engines.torch.kernels.blocks import (BLOCK_BYTES, BlockQuantEmbedding, BlockQuantLinear, BlockWeight,
-                                                     DenseScratch)
+from tokenrelay_engines.torch.kernels.blocks import BLOCK_BYTES, BlockQuantEmbedding, BlockQuantLinear, BlockWeight
 from tokenrelay_engines.torch.kernels.native import CpuKernels
 from tokenrelay_engines.torch.shapes import ModelConfig
 
@@ -260,15 +259,14 @@ def block_weight(gguf: GGUFFile, config: ModelConfig, tensor) -> BlockWeight | N
     return weight
 
 
-def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kernels: CpuKernels,
-                    scratch: DenseScratch) -> bool:
+def _keep_quantized(model: torch.nn.Module, name: str, weight: BlockWeight, kernels: CpuKernels) -> bool:
     """Swap the linear or embedding that owns `name` for its block-quantized form."""
     path = name.removesuffix(".weight")
     if path == name:
         return False
     module = model.get_submodule(path)
     if isinstance(module, torch.nn.Linear):
-        replacement: torch.nn.Module = BlockQuantLinear(weight, kernels, scratch, bias=module.bias,
+        replacement: torch.nn.Module = BlockQuantLinear(weight, kernels, bias=module.bias,
                                                        dtype=module.weight.dtype)
     elif isinstance(module, torch.nn.Embedding):
         replacement = BlockQuantEmbedding(weight, module.weight.dtype)
@@ -287,7 +285,6 @@ def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfi
     tensor is dequantized to the model's dtype. Returns the count of tensors kept quantized."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    scratch = DenseScratch()
     tensors = gguf.reader.tensors
     for tensor in (progress(tensors) if progress is not None else tensors):
         name = hf_name(tensor.name)
@@ -304,7 +301,7 @@ def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfi
             shape = tuple(array.shape)
         if shape != tuple(param.shape):
             raise ValueError(f"{gguf.path.name}: {name} has shape {shape}, expected {tuple(param.shape)}")
-        if weight is None or not _keep_quantized(model, name, weight, kernels, scratch):
+        if weight is None or not _keep_quantized(model, name, weight, kernels):
             if weight is not None:
                 array = dequantized(gguf, config, tensor)
             if not array.flags.writeable:  # F32 tensors come back as views of the read-only mapping
@@ -315,7 +312,7 @@ def load_gguf_weights(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfi
         loaded.add("lm_head.weight")
         embed = model.get_submodule("model.embed_tokens")
         if isinstance(embed, BlockQuantEmbedding):  # the output layer reads the same blocks
-            model.lm_head = BlockQuantLinear(embed.weight, kernels, scratch, dtype=embed.dtype)
+            model.lm_head = BlockQuantLinear(embed.weight, kernels, dtype=embed.dtype)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{gguf.path.name} is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -16,8 +16,7 @@ from tokenrelay_engines.config import SchedulerConfig, TorchEngineConfig  # noqa
 from tokenrelay_engines.torch.gguf_loader import unpermute_qk  # noqa: E402
 from tokenrelay_engines.torch.models.llama import PackedLinear  # noqa: E402
 from tokenrelay_engines.torch.kernels import native  # noqa: E402
-from tokenrelay_engines.torch.kernels.blocks import (  # noqa: E402
-    DENSE_MIN_ROWS, BlockQuantEmbedding, BlockQuantLinear, BlockWeight, DenseScratch)
+from tokenrelay_engines.torch.kernels.blocks import BlockQuantEmbedding, BlockQuantLinear, BlockWeight  # noqa: E402
 from tokenrelay_engines.torch.runner import ModelRunner  # noqa: E402
 
 from .gguf_factory import tokenizer_json_of, write_gguf  # noqa: E402
@@ -36,11 +35,11 @@ def _blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[BlockWeight
 
 
 def _linear(weight: BlockWeight, kernels: native.CpuKernels, bias: torch.Tensor | None = None) -> BlockQuantLinear:
-    return BlockQuantLinear(weight, kernels, DenseScratch(), bias=bias)
+    return BlockQuantLinear(weight, kernels, bias=bias)
 
 
 def _kernel(kernels: native.CpuKernels, weight: BlockWeight, x: torch.Tensor) -> torch.Tensor:
-    """The C entry itself (any row count; the layer uses it below DENSE_MIN_ROWS rows)."""
+    """The C entry itself, as the layer calls it."""
     y = torch.empty(x.shape[0], weight.out_features)
     args = (weight.qs, weight.d) if weight.m is None else (weight.qs, weight.d, weight.m)
     status = kernels.linear_fn(weight.kind)(x.data_ptr(), x.shape[0], x.shape[1], *(t.data_ptr() for t in args),
@@ -105,14 +104,12 @@ def test_kernels_compute_the_promised_arithmetic(kernels, kind: str, m: int, n: 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_layer_switches_to_an_exact_float_matmul_for_many_rows(kernels, kind: str) -> None:
-    weight, dense = _blocks(kind, 40, 96)
+def test_the_layer_is_the_kernel_at_every_row_count(kernels, kind: str) -> None:
+    weight, _ = _blocks(kind, 40, 96)
     lin = _linear(weight, kernels)
-    few = torch.randn(DENSE_MIN_ROWS - 1, 96)
-    many = torch.randn(DENSE_MIN_ROWS, 96)
-    assert torch.equal(lin(few), _kernel(kernels, weight, few))
-    assert torch.equal(lin(many), torch.mm(many, torch.from_numpy(dense).t()))  # weights dequantized exactly
-    assert lin.scratch.buffer.numel() == 40 * 96
+    for rows in (1, kernels.float_min_rows - 1, kernels.float_min_rows, 64, 130):
+        x = torch.randn(rows, 96)
+        assert torch.equal(lin(x), _kernel(kernels, weight, x))
 
 
 def test_activations_round_to_int16_per_block(kernels) -> None:
@@ -132,17 +129,17 @@ def test_activations_round_to_int16_per_block(kernels) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_row_is_independent_of_the_batch(kernels, kind: str) -> None:
     """Within each kernel path a row's result is bit-identical whatever the other rows are: alone or
-    in any batch under float_min_rows, and in any batch from there to DENSE_MIN_ROWS (tails of 1-3
-    rows included)."""
+    in any batch under float_min_rows, and in any batch from there on (tails of 1-3 rows and chunks
+    of 64 rows included)."""
     weight, _ = _blocks(kind, 51, 192)
     lin = _linear(weight, kernels)
     low = kernels.float_min_rows
-    x = torch.randn(DENSE_MIN_ROWS - 1, 192)
+    x = torch.randn(150, 192)
     few = lin(x[:low - 1])
     for r in range(low - 1):
         assert torch.equal(lin(x[r:r + 1]), few[r:r + 1])
     together = lin(x)
-    for start, rows in ((0, low), (3, low + 1), (5, low + 2), (9, low + 3), (1, DENSE_MIN_ROWS - 2)):
+    for start, rows in ((0, low), (3, low + 1), (5, low + 2), (9, low + 3), (1, 63), (70, 66)):
         assert torch.equal(lin(x[start:start + rows]), together[start:start + rows])
 
 

@@ -23,25 +23,6 @@ from tokenrelay_engines.torch.kernels.native import CpuKernels
 BLOCK = 32
 # GGUF type name -> bytes per block
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
-# From this many rows (prefill chunks, big batches) a linear layer dequantizes its weight into a
-# shared float32 scratch and runs a BLAS matmul: measured on an AVX2 server (one thread), 1.1x
-# faster than the integer kernel at 64 rows, 1.4x at 512, and 0.77x at 16.
-DENSE_MIN_ROWS = 64
-
-
-class DenseScratch:
-    """One float32 buffer that the block-quantized layers of a model dequantize into, grown to the
-    largest weight used with DENSE_MIN_ROWS rows or more (the layers run one at a time)."""
-
-    def __init__(self) -> None:
-        self.buffer = torch.empty(0)
-
-    def get(self, numel: int) -> torch.Tensor:
-        if self.buffer.numel() < numel:
-            self.buffer = torch.empty(numel)
-        return self.buffer
-
-
 @dataclass(frozen=True, slots=True)
 class BlockWeight:
     kind: str  # "Q4_1" or "Q8_0"
@@ -95,23 +76,21 @@ class BlockWeight:
 
 
 class BlockQuantLinear(nn.Module):
-    """y = x @ W^T (+ bias), W in GGUF blocks, by row count: under `kernels.float_min_rows` rows x is
-    rounded to 16 bits per block of 32 and multiplied in integers; up to DENSE_MIN_ROWS the kernel
-    dequantizes weight rows into L1 and multiplies in float32; from DENSE_MIN_ROWS rows on, the weight
-    is dequantized into `scratch` (exactly) and multiplied by torch's BLAS. So a row's result depends
-    on which of the three ranges the batch size falls in, never on the other rows within one.
+    """y = x @ W^T (+ bias), W in GGUF blocks, by row count (see matmul.c): under
+    `kernels.float_min_rows` rows x is rounded to 16 bits per block of 32 and multiplied in integers;
+    from there on the kernel dequantizes weight rows exactly into L1 and multiplies in float32. So a
+    row's result depends on which side of float_min_rows the batch is, never on the other rows.
 
     Float32 in and out of the kernels (other dtypes are converted at the edges); `dtype` is the
     model's, for a float copy of the weight (`_fused_linear` when formats are mixed). A decode step
     calls every linear layer once per token batch, so the call is kept lean: the C function and the
     weight pointers are looked up once (and again after `.to()` and the like, see `_apply`)."""
 
-    def __init__(self, weight: BlockWeight, kernels: CpuKernels, scratch: DenseScratch,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, weight: BlockWeight, kernels: CpuKernels, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.kind = weight.kind
         self.kernels = kernels
-        self.scratch = scratch
         self.dtype = dtype
         self.register_buffer("qs", weight.qs, persistent=False)
         self.register_buffer("d", weight.d, persistent=False)
@@ -148,13 +127,9 @@ class BlockQuantLinear(nn.Module):
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
         rows = x2.shape[0]
-        if rows >= DENSE_MIN_ROWS:
-            w = self.kernels.dequantize(self.kind, self.qs, self.d, self.m, self.scratch.get(self._n * self._k))
-            y = torch.mm(x2, w.t())
-        else:
-            y = torch.empty((rows, self._n), dtype=torch.float32)
-            if self._fn(x2.data_ptr(), rows, self._k, *self._weight_args, self._n, y.data_ptr()) != 0:
-                raise MemoryError(f"no memory for the activations of a {rows} x {self._k} block-quantized matmul")
+        y = torch.empty((rows, self._n), dtype=torch.float32)
+        if self._fn(x2.data_ptr(), rows, self._k, *self._weight_args, self._n, y.data_ptr()) != 0:
+            raise MemoryError(f"no memory for the scratch of a {rows} x {self._k} block-quantized matmul")
         if self._has_bias:
             y += self.bias
         if x.dim() != 2:

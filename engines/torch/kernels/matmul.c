@@ -1,12 +1,13 @@
 /* Block-quantized matmuls for x86-64 with AVX2 + FMA: y[M, N] = x[M, K] @ W[N, K]^T, W kept in
  * GGUF's blocks of 32 weights along K (no float copy of W is made). Two paths, by the rows of x:
  *
- *   M < FLOAT_MIN_ROWS (batch-1 decode: memory-bound): x quantized per block of 32 to 16 bits on the
- *       fly, dot products in integers, 16 products per vpmaddwd.
- *   M >= FLOAT_MIN_ROWS (batched decode: compute-bound): each pair of weight rows dequantized exactly
- *       into L1, then float32 FMAs, 4 rows of x x 2 columns at a time. No per-block scales, and one
- *       FMA per product: on AVX2 (Zen 1 measured) 4.9 cycles per 32 products and column against 7.3
- *       for the integer path. (The layer hands 64 rows and more to a BLAS, see blocks.py.)
+ *   M < FLOAT_MIN_ROWS (small-batch decode: memory-bound): x quantized per block of 32 to 16 bits
+ *       on the fly, dot products in integers, 16 products per vpmaddwd.
+ *   M >= FLOAT_MIN_ROWS (batched decode, prefill: compute-bound): per chunk of CHUNK rows of x, each
+ *       pair of weight rows dequantized exactly into L1, then float32 FMAs, 4 rows of x x 2 columns at
+ *       a time. No per-block scales, one FMA per product: measured on Zen 1 (one thread), 4.9 cycles
+ *       per 32 products and column against 7.3 for the integer path at 32 rows, and 1.0-1.7x the
+ *       speed of dequantizing the whole weight and calling torch's BLAS (MKL) at 64 to 2048 rows.
  *
  * Formats:
  *   Q4_1 weights: w = d * q + m, q in 0..15; a row holds K/2 bytes, block b's byte j carries element
@@ -21,9 +22,8 @@
  *                 answer to French.
  *
  * Integer path per block: sum_j w_j x_j = d dx sum_j q_j xq_j (+ m sx for Q4_1), the integer sum exact
- * in int32 (|q xq| sums stay below 2^31: 32 * 127 * 32767). Each output column reads its weight row
- * once per chunk of up to CHUNK rows of x and applies it to TILE rows at a time, the row staying in L1
- * across the tiles. In both paths a row's result does not depend on the other rows of x, and columns
+ * in int32 (|q xq| sums stay below 2^31: 32 * 127 * 32767). Each output column's weight row is applied
+ * to TILE rows of x at a time, staying in L1 across the tiles. In both paths a row's result does not depend on the other rows of x, and columns
  * are split across OpenMP threads (the process's OpenMP runtime: torch's, already loaded).
  */
 #include <immintrin.h>
@@ -32,10 +32,10 @@
 
 #define QK 32
 #define TILE 4
-#define CHUNK 64
+#define CHUNK 64 /* float path: rows of x per pass over the weights (64 x K floats stay in L2) */
 #define FLOAT_MIN_ROWS 8 /* rows of x from which the float path is taken (measured: 6.7 vs 7.2 cycles at 8) */
 
-int tr_float_min_rows(void) { return FLOAT_MIN_ROWS; } /* rows of x per pass over the weights: 64 * K int16 of xq stay in L2 */
+int tr_float_min_rows(void) { return FLOAT_MIN_ROWS; }
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -138,24 +138,21 @@ DEFINE_TILE(4)
 
 /* y[M, N] (row stride N) from quantized activations (tr_quantize_q16) and Q4_1 weights. */
 static void q4_1_matmul(const int16_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
-                    const uint8_t *qs, const float *d, const float *m, int64_t N, float *y) {
+                        const uint8_t *qs, const float *d, const float *m, int64_t N, float *y) {
     int64_t nb = K / QK;
-    for (int64_t c0 = 0; c0 < M; c0 += CHUNK) {
-        int64_t c1 = M - c0 < CHUNK ? M : c0 + CHUNK;
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *q = qs + n * (K / 2);
-            const float *dn = d + n * nb, *mn = m + n * nb;
-            for (int64_t r0 = c0; r0 < c1; r0 += TILE) {
-                const int16_t *xr = xq + r0 * K;
-                const float *dr = dx + r0 * nb, *sr = sx + r0 * nb;
-                float *yr = y + r0 * N + n;
-                switch (c1 - r0 < TILE ? c1 - r0 : TILE) {
-                case 1: q4_1_tile_1(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
-                case 2: q4_1_tile_2(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
-                case 3: q4_1_tile_3(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
-                default: q4_1_tile_4(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
-                }
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *q = qs + n * (K / 2);
+        const float *dn = d + n * nb, *mn = m + n * nb;
+        for (int64_t r0 = 0; r0 < M; r0 += TILE) {
+            const int16_t *xr = xq + r0 * K;
+            const float *dr = dx + r0 * nb, *sr = sx + r0 * nb;
+            float *yr = y + r0 * N + n;
+            switch (M - r0 < TILE ? M - r0 : TILE) {
+            case 1: q4_1_tile_1(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
+            case 2: q4_1_tile_2(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
+            case 3: q4_1_tile_3(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
+            default: q4_1_tile_4(xr, dr, sr, K, q, dn, mn, nb, yr, N); break;
             }
         }
     }
@@ -163,31 +160,28 @@ static void q4_1_matmul(const int16_t *xq, const float *dx, const float *sx, int
 
 /* y[M, N] (row stride N) from quantized activations and Q8_0 weights. */
 static void q8_0_matmul(const int16_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *qs,
-                    const float *d, int64_t N, float *y) {
+                        const float *d, int64_t N, float *y) {
     int64_t nb = K / QK;
-    for (int64_t c0 = 0; c0 < M; c0 += CHUNK) {
-        int64_t c1 = M - c0 < CHUNK ? M : c0 + CHUNK;
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *q = qs + n * K;
-            const float *dn = d + n * nb;
-            for (int64_t r0 = c0; r0 < c1; r0 += TILE) {
-                const int16_t *xr = xq + r0 * K;
-                const float *dr = dx + r0 * nb;
-                float *yr = y + r0 * N + n;
-                switch (c1 - r0 < TILE ? c1 - r0 : TILE) {
-                case 1: q8_0_tile_1(xr, dr, K, q, dn, nb, yr, N); break;
-                case 2: q8_0_tile_2(xr, dr, K, q, dn, nb, yr, N); break;
-                case 3: q8_0_tile_3(xr, dr, K, q, dn, nb, yr, N); break;
-                default: q8_0_tile_4(xr, dr, K, q, dn, nb, yr, N); break;
-                }
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *q = qs + n * K;
+        const float *dn = d + n * nb;
+        for (int64_t r0 = 0; r0 < M; r0 += TILE) {
+            const int16_t *xr = xq + r0 * K;
+            const float *dr = dx + r0 * nb;
+            float *yr = y + r0 * N + n;
+            switch (M - r0 < TILE ? M - r0 : TILE) {
+            case 1: q8_0_tile_1(xr, dr, K, q, dn, nb, yr, N); break;
+            case 2: q8_0_tile_2(xr, dr, K, q, dn, nb, yr, N); break;
+            case 3: q8_0_tile_3(xr, dr, K, q, dn, nb, yr, N); break;
+            default: q8_0_tile_4(xr, dr, K, q, dn, nb, yr, N); break;
             }
         }
     }
 }
 
 /* One block of 32 weights as float32, bit-identical to the reference dequantization (d * q is exact in
- * float32, so fma(q, d, m) rounds once, as d * q + m does). */
+ * float32, so fma(q, d, m) rounds once, as d * q + m does): the float path's weights. */
 static inline void dequantize_q4_1_block(const uint8_t *qs, float d, float m, float *w) {
     __m128i bytes = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
     __m128i half[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
@@ -253,21 +247,26 @@ static int float_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs,
     {
         float *w = aligned_alloc(32, (size_t)(2 * K) * sizeof(float));
         if (w == NULL) failed = 1;
+        for (int64_t c0 = 0; c0 < M; c0 += CHUNK) {
+            int64_t c1 = M - c0 < CHUNK ? M : c0 + CHUNK;
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n += 2) {
-            if (w == NULL) continue;
-            int both = n + 1 < N; /* an odd N's last column goes alone (against itself twice) */
-            const float *w1 = both ? w + K : w;
-            dequantize_row(qs + n * row_bytes, d + n * nb, m != NULL ? m + n * nb : NULL, K, w);
-            if (both) dequantize_row(qs + (n + 1) * row_bytes, d + (n + 1) * nb, m != NULL ? m + (n + 1) * nb : NULL, K, w + K);
-            for (int64_t r0 = 0; r0 < M; r0 += TILE) {
-                const float *xr = x + r0 * K;
-                float *yr = y + r0 * N + n;
-                switch (M - r0 < TILE ? M - r0 : TILE) {
-                case 1: float_tile_1(xr, K, w, w1, yr, N, both); break;
-                case 2: float_tile_2(xr, K, w, w1, yr, N, both); break;
-                case 3: float_tile_3(xr, K, w, w1, yr, N, both); break;
-                default: float_tile_4(xr, K, w, w1, yr, N, both); break;
+            for (int64_t n = 0; n < N; n += 2) {
+                if (w == NULL) continue;
+                int both = n + 1 < N; /* an odd N's last column goes alone (against itself twice) */
+                const float *w1 = both ? w + K : w;
+                dequantize_row(qs + n * row_bytes, d + n * nb, m != NULL ? m + n * nb : NULL, K, w);
+                if (both)
+                    dequantize_row(qs + (n + 1) * row_bytes, d + (n + 1) * nb, m != NULL ? m + (n + 1) * nb : NULL, K,
+                                   w + K);
+                for (int64_t r0 = c0; r0 < c1; r0 += TILE) {
+                    const float *xr = x + r0 * K;
+                    float *yr = y + r0 * N + n;
+                    switch (c1 - r0 < TILE ? c1 - r0 : TILE) {
+                    case 1: float_tile_1(xr, K, w, w1, yr, N, both); break;
+                    case 2: float_tile_2(xr, K, w, w1, yr, N, both); break;
+                    case 3: float_tile_3(xr, K, w, w1, yr, N, both); break;
+                    default: float_tile_4(xr, K, w, w1, yr, N, both); break;
+                    }
                 }
             }
         }
@@ -311,15 +310,4 @@ int tr_q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const
     q8_0_matmul(xq, dx, M, K, qs, d, N, y);
     free(xq);
     return 0;
-}
-
-/* W[N, K] as float32: for matmuls with many rows, which a BLAS runs faster than these kernels. */
-void tr_q4_1_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t N, int64_t K, float *w) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < N * (K / QK); i++) dequantize_q4_1_block(qs + i * (QK / 2), d[i], m[i], w + i * QK);
-}
-
-void tr_q8_0_dequantize(const int8_t *qs, const float *d, int64_t N, int64_t K, float *w) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < N * (K / QK); i++) dequantize_q8_0_block(qs + i * QK, d[i], w + i * QK);
 }

@@ -41,8 +41,6 @@ _SIGNATURES = {
     "tr_quantize_q16": [_P, _I, _I, _P, _P, _P],
     "tr_q4_1_linear": [_P, _I, _I, _P, _P, _P, _I, _P],
     "tr_q8_0_linear": [_P, _I, _I, _P, _P, _I, _P],
-    "tr_q4_1_dequantize": [_P, _P, _P, _I, _I, _P],
-    "tr_q8_0_dequantize": [_P, _P, _I, _I, _P],
     "tr_rms_norm": [_P, _I, _I, _P, _F, _P],
     "tr_silu_mul": [_P, _I, _I, _P],
     "tr_rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
@@ -74,17 +72,6 @@ class CpuKernels:
     @property
     def float_min_rows(self) -> int:
         return self.library.tr_float_min_rows()
-
-    def dequantize(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
-                   out: torch.Tensor) -> torch.Tensor:
-        """The float32 weight [N, K] into `out` (contiguous, N * K floats or more); returns that view."""
-        n, k = d.shape[0], d.shape[1] * 32
-        w = out.view(-1)[:n * k].view(n, k)
-        if kind == "Q4_1":
-            self.library.tr_q4_1_dequantize(qs.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, w.data_ptr())
-        else:
-            self.library.tr_q8_0_dequantize(qs.data_ptr(), d.data_ptr(), n, k, w.data_ptr())
-        return w
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -113,7 +113,7 @@ def _fused_linear(parts: tuple[nn.Module, ...], packed: bool) -> nn.Module:
         if blocks is not None:
             biases = [p.bias for p in parts]
             bias = None if biases[0] is None else torch.cat(biases) if len(parts) > 1 else biases[0]
-            return BlockQuantLinear(blocks, parts[0].kernels, parts[0].scratch, bias=bias, dtype=parts[0].dtype)
+            return BlockQuantLinear(blocks, parts[0].kernels, bias=bias, dtype=parts[0].dtype)
     weights = [p.weight.dequantize().to(p.dtype) if isinstance(p, BlockQuantLinear) else p.weight
                for p in parts]
     weight = torch.cat(weights) if len(parts) > 1 else weights[0]
