@@ -78,6 +78,10 @@ class Scheduler:
         req = seq.request
         self._keys[rid] = (req.priority, req.arrival_time, next(self._counter))
         seq.status = SequenceStatus.WAITING
+        stopping = req.stopping
+        seq.max_num_tokens = min(seq.num_prompt_tokens + stopping.max_tokens, self.max_model_len)
+        seq.stop_check_ids = frozenset(stopping.stop_token_ids).union(
+            () if stopping.ignore_eos else self.eos_token_ids)
         if req.deadline is not None:
             self._with_deadline[rid] = seq
         if seq.num_tokens >= self.max_model_len:
@@ -285,18 +289,20 @@ class Scheduler:
                 self.block_manager.register_prefix(seq)
             tokens = seq.token_ids
             if end == len(tokens):  # the chunk sampled
-                rid = seq.request.request_id
-                token = token_ids.get(rid)
+                token = token_ids.get(seq.request_id)
                 if token is None:
-                    raise RuntimeError(f"runner returned no token for {rid!r}")
+                    raise RuntimeError(f"runner returned no token for {seq.request_id!r}")
                 tokens.append(token)
                 if logprobs:
-                    logprob = logprobs.get(rid)
+                    logprob = logprobs.get(seq.request_id)
                     if logprob is not None:
                         seq.output_logprobs.append(logprob)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                self._check_stop(seq, token, now)
+                # the full check only where this token could end the sequence
+                if (token in seq.stop_check_ids or end + 1 >= seq.max_num_tokens
+                        or seq.request.deadline is not None):
+                    self._check_stop(seq, token, now)
             touched.append(seq)
         return touched
 

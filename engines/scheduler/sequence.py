@@ -19,6 +19,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_FINISHED = SequenceStatus.FINISHED  # an enum member read through its class costs ~0.3 us (3.11)
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     """One request's tokens and KV blocks. Output tokens are appended to `token_ids`."""
@@ -39,15 +42,18 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Set by the scheduler when the sequence is added, so the per-token stop check reads only
+    # these: the token count that ends it with LENGTH, and the ids that may end it (eos unless
+    # ignored, and its stop token ids). A token outside both needs no other check.
+    max_num_tokens: int = 0
+    stop_check_ids: frozenset[int] = frozenset()
+    request_id: str = field(init=False)  # the request's, read once
 
     def __post_init__(self) -> None:
+        self.request_id = self.request.request_id
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +69,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
 
 @dataclass(slots=True)
