@@ -152,7 +152,9 @@ class ModelRunner:
             hidden = self.model(dev[idx["input_ids"]], meta.positions, self.kv_cache.kv, meta, self.attention)
         if not step.sample_chunks:
             return RunnerOutput()
-        logits = self.model.compute_logits(hidden[dev[idx["logits_idx"]]])
+        if not (step.decode_only and len(step.sample_chunks) == len(step.query_lens)):
+            hidden = hidden[dev[idx["logits_idx"]]]  # else every row samples: the gather is the identity
+        logits = self.model.compute_logits(hidden)
         if sidx is None:
             return self._collect(step, None, self.sampler.greedy(logits), None, None, None)
         batch = self._sampling_batch(step, sampling, dev, sidx)
@@ -189,10 +191,12 @@ class ModelRunner:
                  top_ids: torch.Tensor | None, top_vals: torch.Tensor | None) -> RunnerOutput:
         rids = step.sample_request_ids
         if rids is None:
-            rids = [c.seq.request.request_id for c in step.sample_chunks]
+            rids = [c.seq.request_id for c in step.sample_chunks]
         out = RunnerOutput()
         if chosen is None:
-            out.token_ids = dict(zip(rids, token_ids.tolist()))  # the step's single device -> host copy
+            sampled = token_ids.cpu().numpy()  # the step's single device -> host copy
+            self.input_batch.record_sampled(sampled)
+            out.token_ids = dict(zip(rids, sampled.tolist()))
             return out
         parts = [token_ids.double()[:, None], chosen.double()[:, None], top_ids.double(), top_vals.double()]
         host = torch.cat(parts, dim=1).cpu().tolist()  # the step's single device -> host copy
@@ -205,4 +209,5 @@ class ModelRunner:
             if want >= 0:
                 top = tuple((int(values[2 + j]), values[2 + n + j]) for j in range(min(want, n)))
                 out.logprobs[rid] = TokenLogprob(token_id=token, logprob=values[1], top=top)
+        self.input_batch.record_sampled(np.fromiter(out.token_ids.values(), np.int64, len(rids)))
         return out
