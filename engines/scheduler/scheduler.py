@@ -160,22 +160,27 @@ class Scheduler:
         running = SequenceStatus.RUNNING
         block_size = self.block_manager.block_size
         prefilling: list[Sequence] = []  # running sequences not fully computed, in running order
-        chunks = out.chunks
+        add_chunk = out.chunks.append
+        left = budget[0]  # budget[0], kept in a local on the common path
         for seq in list(self.running):
             if seq.status is not running:
                 continue
-            num_tokens = len(seq.token_ids)
-            if seq.num_computed_tokens != num_tokens - 1:
-                if seq.num_computed_tokens < num_tokens - 1:
+            last = len(seq.token_ids) - 1
+            if seq.num_computed_tokens != last:
+                if seq.num_computed_tokens < last:
                     prefilling.append(seq)
                 continue
-            if budget[0] < 1:
+            if left < 1:
                 break
-            if len(seq.block_table) * block_size >= num_tokens:
-                chunks.append(ScheduledChunk(seq, num_tokens - 1, 1))
-                budget[0] -= 1
-            elif self._grow(seq, num_tokens, out, budget):
-                self._emit(seq, 1, out, budget)
+            if len(seq.block_table) * block_size > last:
+                add_chunk(ScheduledChunk(seq, last, 1))
+                left -= 1
+            else:
+                budget[0] = left
+                if self._grow(seq, last + 1, out, budget):
+                    self._emit(seq, 1, out, budget)
+                left = budget[0]
+        budget[0] = left
 
         # 2. chunked prefill of running sequences not fully computed yet (a preempted one is
         #    back in waiting by now: skipped)

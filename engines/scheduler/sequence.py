@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tokenrelay_engines.base import FinishReason, Request, TokenLogprob
 
 
@@ -72,12 +74,13 @@ class Sequence:
         return self.status is _FINISHED
 
 
-@dataclass(slots=True)
-class ScheduledChunk:
+class ScheduledChunk(msgspec.Struct):
     """Compute KV for token_ids[start:start + num_new_tokens] of `seq` this step.
 
     When the chunk reaches the end of the sequence (`sample`), the runner samples the next
-    token from the logits of its last position.
+    token from the logits of its last position. (A msgspec Struct rather than a dataclass:
+    the scheduler builds one per running sequence per step, and a Struct is built in C, in a
+    third of the time.)
     """
 
     seq: Sequence
