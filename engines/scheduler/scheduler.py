@@ -49,6 +49,7 @@ class Scheduler:
         self._counter = itertools.count()
         self._left: list[str] = []  # request ids that left the running batch since schedule()
         self._with_deadline: dict[str, Sequence] = {}  # unfinished sequences that have a deadline
+        self._last_all_decode = False  # the last non-empty step decoded every running sequence
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -146,12 +147,17 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = self._schedule()
+        out, num_decode = self._schedule()
         if out.chunks:  # an empty step is not run: the ids wait for the next one that is
             out.finished_req_ids, self._left = self._left, []
+            # one decode token for every running sequence, in running order
+            all_decode = num_decode == len(out.chunks) == len(self.running) and not out.preempted
+            out.decode_continues = all_decode and self._last_all_decode and not out.finished_req_ids
+            self._last_all_decode = all_decode
         return out
 
-    def _schedule(self) -> SchedulerOutput:
+    def _schedule(self) -> tuple[SchedulerOutput, int]:
+        """This step's batch, and how many of its chunks are the decode tokens of step 1."""
         out = SchedulerOutput()
         budget = [self.config.max_num_batched_tokens]  # boxed: _preempt refunds into it
 
@@ -181,6 +187,7 @@ class Scheduler:
                     self._emit(seq, 1, out, budget)
                 left = budget[0]
         budget[0] = left
+        num_decode = len(out.chunks)
 
         # 2. chunked prefill of running sequences not fully computed yet (a preempted one is
         #    back in waiting by now: skipped)
@@ -196,7 +203,7 @@ class Scheduler:
         # 3. admit waiting sequences in (priority, arrival) order; none when blocks ran short
         #    above, and never one preempted in this very step (no thrashing)
         if out.preempted or out.finished:
-            return out
+            return out, num_decode
         while self.waiting and budget[0] > 0:
             seq = self.waiting[0]
             if any(p is seq for p in out.preempted):
@@ -224,7 +231,7 @@ class Scheduler:
             self._insert(self.running, seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             self._emit(seq, n, out, budget)
-        return out
+        return out, num_decode
 
     def _emit(self, seq: Sequence, n: int, out: SchedulerOutput, budget: list[int]) -> None:
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))

@@ -107,6 +107,11 @@ class SchedulerOutput:
     # Requests that left the running batch (finished, aborted or preempted) since the last
     # non-empty step: the runner drops their persistent rows before preparing this step.
     finished_req_ids: list[str] = field(default_factory=list)
+    # Steady decode: this step and the last non-empty one each scheduled one decode token for
+    # every running sequence, and nothing joined, left or was preempted in between, so the
+    # chunks are the last step's sequences, in the same order, each one token further (the
+    # runner then builds the step from its persistent rows without reading the chunks).
+    decode_continues: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

@@ -207,19 +207,23 @@ class InputBatch:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Every index array of the step, from the chunks' rows, starts, lengths and new tokens."""
+    def prepare(self, chunks: list[ScheduledChunk], decode_continues: bool = False) -> StepInputs:
+        """Every index array of the step, from the chunks' rows, starts, lengths and new tokens.
+        `decode_continues`: the scheduler vouches that the chunks are the last step's sequences,
+        each one token further (`SchedulerOutput.decode_continues`)."""
+        steady, self._steady = self._steady, None
+        n = len(chunks)
+        if decode_continues and steady is not None and n == len(steady.seqs):
+            return self._prepare_steady(chunks, steady)
         # Column by column (map over C-level getters, and numpy): no per-chunk Python loop on the
         # common path.
         row_of_seq, num_blocks = self._row_of_seq, self._num_blocks
-        n = len(chunks)
         seqs = list(map(_SEQ, chunks))
         starts = list(map(_START, chunks))
         lens = list(map(_NUM_NEW, chunks))
-        steady, self._steady = self._steady, None
         # `==` on lists compares in C (sequences by identity): the same sequences, each one token further
         if steady is not None and lens.count(1) == n and starts == steady.ends_host and seqs == steady.seqs:
-            return self._prepare_steady(chunks, seqs, starts, steady)
+            return self._prepare_steady(chunks, steady)
         rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
@@ -269,14 +273,13 @@ class InputBatch:
             sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()],
             sample_request_ids=request_ids)
 
-    def _prepare_steady(self, chunks: list[ScheduledChunk], seqs: list[Sequence], starts: list[int],
-                        steady: _Steady) -> StepInputs:
+    def _prepare_steady(self, chunks: list[ScheduledChunk], steady: _Steady) -> StepInputs:
         """`prepare` for a decode step that follows a pure decode step over the same sequences:
         every chunk is one token at the end of its sequence (the token sampled last step), so it
         samples; the rows and request ids are the previous step's, the positions its ends, the
         input ids what it sampled. Only rows that cross into a block they have not written yet
         read their sequence's block table."""
-        n, bs = len(chunks), self.block_size
+        n, bs, seqs = len(chunks), self.block_size, steady.seqs
         rows_a, positions = steady.rows, steady.ends
         ends = positions + 1
         block_idx = positions // bs  # the block each new token goes in
@@ -286,7 +289,7 @@ class InputBatch:
                 self._write_blocks(row, seqs[i].block_table)
         ids = steady.sampled
         if ids is None:  # the last step's tokens were not recorded: read them from the sequences
-            ids = np.array(list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts)), np.int64)
+            ids = np.array(list(map(operator.getitem, map(_TOKEN_IDS, seqs), steady.ends_host)), np.int64)
         tables = self.block_table[rows_a, :int(block_idx.max()) + 1]
         cu = self._aranges.get(n)
         if cu is None:

@@ -132,7 +132,7 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return RunnerOutput()
-        step = self.input_batch.prepare(chunks)
+        step = self.input_batch.prepare(chunks, scheduler_output.decode_continues)
         pack = _HostPack(self.device)
         idx = {name: pack.add(getattr(step, name)) for name in (
             "input_ids", "positions", "slots", "tables", "context_lens", "cu_seqlens_q", "decode_idx", "logits_idx")}
