@@ -69,6 +69,10 @@ class _Steady:
     ends: np.ndarray
     ends_host: list[int]
     request_ids: list[str]
+    # the step's block tables ([seqs, blocks it reached]) and, per sequence, the positions its
+    # written blocks cover: kept from step to step, rewritten only where a row gains a block
+    tables: np.ndarray
+    room: np.ndarray
     # the ids the runner sampled for them (`record_sampled`): the next step's input ids, as whoever
     # drives the runner appends them to the sequences; None until recorded
     sampled: np.ndarray | None = None
@@ -261,7 +265,8 @@ class InputBatch:
         ends_host = ends.tolist()
         if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
             request_ids = [seq.request.request_id for seq in seqs]
-            self._steady = _Steady(seqs, rows_a, ends, ends_host, request_ids)
+            self._steady = _Steady(seqs, rows_a, ends, ends_host, request_ids, tables,
+                                   self._num_blocks_a[rows_a] * bs)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
@@ -276,27 +281,32 @@ class InputBatch:
     def _prepare_steady(self, chunks: list[ScheduledChunk], steady: _Steady) -> StepInputs:
         """`prepare` for a decode step that follows a pure decode step over the same sequences:
         every chunk is one token at the end of its sequence (the token sampled last step), so it
-        samples; the rows and request ids are the previous step's, the positions its ends, the
-        input ids what it sampled. Only rows that cross into a block they have not written yet
-        read their sequence's block table."""
+        samples; the rows, request ids and block tables are the previous step's, the positions its
+        ends, the input ids what it sampled. Only rows that cross into a block they have not
+        written yet read their sequence's block table (and rewrite their row of the tables)."""
         n, bs, seqs = len(chunks), self.block_size, steady.seqs
-        rows_a, positions = steady.rows, steady.ends
+        rows_a, positions, tables, room = steady.rows, steady.ends, steady.tables, steady.room
         ends = positions + 1
-        block_idx = positions // bs  # the block each new token goes in
-        cross = np.flatnonzero(block_idx >= self._num_blocks_a[rows_a])
+        width = max(steady.ends_host) // bs + 1  # blocks the furthest sequence reaches
+        cross = np.flatnonzero(positions >= room)
         if len(cross):
+            num_blocks, grows = self._num_blocks, width != tables.shape[1]
             for i, row in zip(cross.tolist(), rows_a[cross].tolist()):
                 self._write_blocks(row, seqs[i].block_table)
+                room[i] = num_blocks[row] * bs
+                if not grows:
+                    tables[i] = self.block_table[row, :width]
+        if width != tables.shape[1]:
+            tables = self.block_table[rows_a, :width]
         ids = steady.sampled
         if ids is None:  # the last step's tokens were not recorded: read them from the sequences
             ids = np.array(list(map(operator.getitem, map(_TOKEN_IDS, seqs), steady.ends_host)), np.int64)
-        tables = self.block_table[rows_a, :int(block_idx.max()) + 1]
         cu = self._aranges.get(n)
         if cu is None:
             cu = self._aranges[n] = np.arange(n + 1, dtype=np.int64)
-        slots = tables[cu[:-1], block_idx] * bs + positions % bs
+        slots = tables[cu[:-1], positions // bs] * bs + positions % bs
         ends_host = ends.tolist()
-        self._steady = _Steady(seqs, rows_a, ends, ends_host, steady.request_ids)
+        self._steady = _Steady(seqs, rows_a, ends, ends_host, steady.request_ids, tables, room)
         return StepInputs(
             input_ids=ids, positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu, decode_idx=cu[:-1], logits_idx=cu[:-1],

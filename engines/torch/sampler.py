@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -89,12 +90,20 @@ class Sampler:
     def greedy(logits: torch.Tensor) -> torch.Tensor:
         """Argmax per row (the first of equal maxima, NaN counting as the maximum, as torch's).
         On CPU numpy's argmax does it: 2.7x faster than torch's on [256, 49152] float32 logits,
-        and a third of its fixed cost on small ones. It is what `__call__` returns when every row
-        is greedy, unpenalised and wants no logprobs (without building a SamplingBatch)."""
-        logits = logits.float()
+        and a third of its fixed cost on small ones."""
         if logits.device.type == "cpu":
-            return torch.from_numpy(logits.numpy().argmax(axis=-1))
-        return logits.argmax(dim=-1)
+            return torch.from_numpy(Sampler.greedy_host(logits))
+        return logits.float().argmax(dim=-1)
+
+    @staticmethod
+    def greedy_host(logits: torch.Tensor) -> np.ndarray:
+        """`greedy`, its ids on the host: what `__call__` returns when every row is greedy,
+        unpenalised and wants no logprobs (without building a SamplingBatch)."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if logits.device.type == "cpu":
+            return logits.numpy().argmax(axis=-1)
+        return logits.argmax(dim=-1).cpu().numpy()
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
