@@ -50,6 +50,7 @@ class Scheduler:
         self._left: list[str] = []  # request ids that left the running batch since schedule()
         self._with_deadline: dict[str, Sequence] = {}  # unfinished sequences that have a deadline
         self._last_all_decode = False  # the last non-empty step decoded every running sequence
+        self._no_ids: frozenset[int] = frozenset()
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -81,8 +82,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         stopping = req.stopping
         seq.max_num_tokens = min(seq.num_prompt_tokens + stopping.max_tokens, self.max_model_len)
-        seq.stop_check_ids = frozenset(stopping.stop_token_ids).union(
-            () if stopping.ignore_eos else self.eos_token_ids)
+        stop_ids = self._no_ids if stopping.ignore_eos else self.eos_token_ids  # shared sets: the common case
+        seq.stop_check_ids = stop_ids.union(stopping.stop_token_ids) if stopping.stop_token_ids else stop_ids
         if req.deadline is not None:
             self._with_deadline[rid] = seq
         if seq.num_tokens >= self.max_model_len:
@@ -291,6 +292,7 @@ class Scheduler:
         touched: list[Sequence] = []
         running = SequenceStatus.RUNNING
         token_ids, logprobs = runner_output.token_ids, runner_output.logprobs
+        deadlines = self._with_deadline  # empty: no sequence has a deadline
         for chunk in scheduler_output.chunks:
             seq = chunk.seq
             if seq.status is not running:
@@ -313,7 +315,7 @@ class Scheduler:
                     seq.first_token_time = now
                 # the full check only where this token could end the sequence
                 if (token in seq.stop_check_ids or end + 1 >= seq.max_num_tokens
-                        or seq.request.deadline is not None):
+                        or (deadlines and seq.request.deadline is not None)):
                     self._check_stop(seq, token, now)
             touched.append(seq)
         return touched
