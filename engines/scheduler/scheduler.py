@@ -152,7 +152,7 @@ class Scheduler:
         if out.chunks:  # an empty step is not run: the ids wait for the next one that is
             out.finished_req_ids, self._left = self._left, []
             # one decode token for every running sequence, in running order
-            all_decode = num_decode == len(out.chunks) == len(self.running) and not out.preempted
+            all_decode = num_decode == len(out.chunks) == len(self.running)
             out.decode_continues = all_decode and self._last_all_decode and not out.finished_req_ids
             self._last_all_decode = all_decode
         return out
