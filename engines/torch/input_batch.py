@@ -264,7 +264,7 @@ class InputBatch:
         request_ids = None
         ends_host = ends.tolist()
         if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
-            request_ids = [seq.request.request_id for seq in seqs]
+            request_ids = [seq.request_id for seq in seqs]
             self._steady = _Steady(seqs, rows_a, ends, ends_host, request_ids, tables,
                                    self._num_blocks_a[rows_a] * bs)
         return StepInputs(
