@@ -90,7 +90,7 @@ class Sampler:
     def greedy(logits: torch.Tensor) -> torch.Tensor:
         """Argmax per row (the first of equal maxima, NaN counting as the maximum, as torch's).
         On CPU numpy's argmax does it: faster than torch's, most of all over a large vocabulary
-        (torch's CPU argmax along the last dimension is not vectorised)."""
+        (`python bench/greedy_cpu.py`)."""
         if logits.device.type == "cpu":
             return torch.from_numpy(Sampler.greedy_host(logits))
         return logits.float().argmax(dim=-1)
