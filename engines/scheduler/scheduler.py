@@ -49,6 +49,8 @@ class Scheduler:
         self._counter = itertools.count()
         self._left: list[str] = []  # request ids that left the running batch since schedule()
         self._with_deadline: dict[str, Sequence] = {}  # unfinished sequences that have a deadline
+        self._last_all_decode = False  # the last non-empty step decoded every running sequence
+        self._no_ids: frozenset[int] = frozenset()
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -78,6 +80,10 @@ class Scheduler:
         req = seq.request
         self._keys[rid] = (req.priority, req.arrival_time, next(self._counter))
         seq.status = SequenceStatus.WAITING
+        stopping = req.stopping
+        seq.max_num_tokens = min(seq.num_prompt_tokens + stopping.max_tokens, self.max_model_len)
+        stop_ids = self._no_ids if stopping.ignore_eos else self.eos_token_ids  # shared sets: the common case
+        seq.stop_check_ids = stop_ids.union(stopping.stop_token_ids) if stopping.stop_token_ids else stop_ids
         if req.deadline is not None:
             self._with_deadline[rid] = seq
         if seq.num_tokens >= self.max_model_len:
@@ -142,12 +148,17 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = self._schedule()
+        out, num_decode = self._schedule()
         if out.chunks:  # an empty step is not run: the ids wait for the next one that is
             out.finished_req_ids, self._left = self._left, []
+            # one decode token for every running sequence, in running order
+            all_decode = num_decode == len(out.chunks) == len(self.running)
+            out.decode_continues = all_decode and self._last_all_decode and not out.finished_req_ids
+            self._last_all_decode = all_decode
         return out
 
-    def _schedule(self) -> SchedulerOutput:
+    def _schedule(self) -> tuple[SchedulerOutput, int]:
+        """This step's batch, and how many of its chunks are the decode tokens of step 1."""
         out = SchedulerOutput()
         budget = [self.config.max_num_batched_tokens]  # boxed: _preempt refunds into it
 
@@ -156,22 +167,28 @@ class Scheduler:
         running = SequenceStatus.RUNNING
         block_size = self.block_manager.block_size
         prefilling: list[Sequence] = []  # running sequences not fully computed, in running order
-        chunks = out.chunks
+        add_chunk = out.chunks.append
+        left = budget[0]  # budget[0], kept in a local on the common path
         for seq in list(self.running):
             if seq.status is not running:
                 continue
-            num_tokens = len(seq.token_ids)
-            if seq.num_computed_tokens != num_tokens - 1:
-                if seq.num_computed_tokens < num_tokens - 1:
+            last = len(seq.token_ids) - 1
+            if seq.num_computed_tokens != last:
+                if seq.num_computed_tokens < last:
                     prefilling.append(seq)
                 continue
-            if budget[0] < 1:
+            if left < 1:
                 break
-            if len(seq.block_table) * block_size >= num_tokens:
-                chunks.append(ScheduledChunk(seq, num_tokens - 1, 1))
-                budget[0] -= 1
-            elif self._grow(seq, num_tokens, out, budget):
-                self._emit(seq, 1, out, budget)
+            if len(seq.block_table) * block_size > last:
+                add_chunk(ScheduledChunk(seq, last, 1))
+                left -= 1
+            else:
+                budget[0] = left
+                if self._grow(seq, last + 1, out, budget):
+                    self._emit(seq, 1, out, budget)
+                left = budget[0]
+        budget[0] = left
+        num_decode = len(out.chunks)
 
         # 2. chunked prefill of running sequences not fully computed yet (a preempted one is
         #    back in waiting by now: skipped)
@@ -187,7 +204,7 @@ class Scheduler:
         # 3. admit waiting sequences in (priority, arrival) order; none when blocks ran short
         #    above, and never one preempted in this very step (no thrashing)
         if out.preempted or out.finished:
-            return out
+            return out, num_decode
         while self.waiting and budget[0] > 0:
             seq = self.waiting[0]
             if any(p is seq for p in out.preempted):
@@ -215,7 +232,7 @@ class Scheduler:
             self._insert(self.running, seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             self._emit(seq, n, out, budget)
-        return out
+        return out, num_decode
 
     def _emit(self, seq: Sequence, n: int, out: SchedulerOutput, budget: list[int]) -> None:
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
@@ -275,6 +292,7 @@ class Scheduler:
         touched: list[Sequence] = []
         running = SequenceStatus.RUNNING
         token_ids, logprobs = runner_output.token_ids, runner_output.logprobs
+        deadlines = self._with_deadline  # empty: no sequence has a deadline
         for chunk in scheduler_output.chunks:
             seq = chunk.seq
             if seq.status is not running:
@@ -285,18 +303,20 @@ class Scheduler:
                 self.block_manager.register_prefix(seq)
             tokens = seq.token_ids
             if end == len(tokens):  # the chunk sampled
-                rid = seq.request.request_id
-                token = token_ids.get(rid)
+                token = token_ids.get(seq.request_id)
                 if token is None:
-                    raise RuntimeError(f"runner returned no token for {rid!r}")
+                    raise RuntimeError(f"runner returned no token for {seq.request_id!r}")
                 tokens.append(token)
                 if logprobs:
-                    logprob = logprobs.get(rid)
+                    logprob = logprobs.get(seq.request_id)
                     if logprob is not None:
                         seq.output_logprobs.append(logprob)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                self._check_stop(seq, token, now)
+                # the full check only where this token could end the sequence
+                if (token in seq.stop_check_ids or end + 1 >= seq.max_num_tokens
+                        or (deadlines and seq.request.deadline is not None)):
+                    self._check_stop(seq, token, now)
             touched.append(seq)
         return touched
 

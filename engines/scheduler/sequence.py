@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tokenrelay_engines.base import FinishReason, Request, TokenLogprob
 
 
@@ -17,6 +19,9 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+_FINISHED = SequenceStatus.FINISHED  # an enum member read through its class costs ~0.3 us (3.11)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,15 +44,18 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Set by the scheduler when the sequence is added, so the per-token stop check reads only
+    # these: the token count that ends it with LENGTH, and the ids that may end it (eos unless
+    # ignored, and its stop token ids). A token outside both needs no other check.
+    max_num_tokens: int = 0
+    stop_check_ids: frozenset[int] = frozenset()
+    request_id: str = field(init=False)  # the request's, read once
 
     def __post_init__(self) -> None:
+        self.request_id = self.request.request_id
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def num_tokens(self) -> int:
@@ -63,15 +71,16 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
 
-@dataclass(slots=True)
-class ScheduledChunk:
+class ScheduledChunk(msgspec.Struct):
     """Compute KV for token_ids[start:start + num_new_tokens] of `seq` this step.
 
     When the chunk reaches the end of the sequence (`sample`), the runner samples the next
-    token from the logits of its last position.
+    token from the logits of its last position. (A msgspec Struct rather than a dataclass:
+    the scheduler builds one per running sequence per step, and a Struct is built in C, in a
+    third of the time.)
     """
 
     seq: Sequence
@@ -98,6 +107,11 @@ class SchedulerOutput:
     # Requests that left the running batch (finished, aborted or preempted) since the last
     # non-empty step: the runner drops their persistent rows before preparing this step.
     finished_req_ids: list[str] = field(default_factory=list)
+    # Steady decode: this step and the last non-empty one each scheduled one decode token for
+    # every running sequence, and nothing joined, left or was preempted in between, so the
+    # chunks are the last step's sequences, in the same order, each one token further (the
+    # runner then builds the step from its persistent rows without reading the chunks).
+    decode_continues: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

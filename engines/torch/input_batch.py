@@ -66,8 +66,16 @@ class _Steady:
 
     seqs: list[Sequence]
     rows: np.ndarray
+    ends: np.ndarray
     ends_host: list[int]
     request_ids: list[str]
+    # the step's block tables ([seqs, blocks it reached]) and, per sequence, the positions its
+    # written blocks cover: kept from step to step, rewritten only where a row gains a block
+    tables: np.ndarray
+    room: np.ndarray
+    # the ids the runner sampled for them (`record_sampled`): the next step's input ids, as whoever
+    # drives the runner appends them to the sequences; None until recorded
+    sampled: np.ndarray | None = None
 
 
 class InputBatch:
@@ -192,27 +200,34 @@ class InputBatch:
             grown = np.zeros((self.block_table.shape[0], max(want, 2 * self.block_table.shape[1])), np.int64)
             grown[:, :self.block_table.shape[1]] = self.block_table
             self.block_table = grown
-        if want < have:  # the table was replaced (only a hand-made driver does this): rewrite it
-            have = 0
-        self.block_table[row, have:want] = table[have:want]
+        if want == have + 1:  # the common case: one block added since the last step
+            self.block_table[row, have] = table[have]
+        else:
+            if want < have:  # the table was replaced (only a hand-made driver does this): rewrite it
+                have = 0
+            self.block_table[row, have:want] = table[have:want]
         self._num_blocks[row] = want
         self._num_blocks_a[row] = want
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Every index array of the step, from the chunks' rows, starts, lengths and new tokens."""
+    def prepare(self, chunks: list[ScheduledChunk], decode_continues: bool = False) -> StepInputs:
+        """Every index array of the step, from the chunks' rows, starts, lengths and new tokens.
+        `decode_continues`: the scheduler vouches that the chunks are the last step's sequences,
+        each one token further (`SchedulerOutput.decode_continues`)."""
+        steady, self._steady = self._steady, None
+        n = len(chunks)
+        if decode_continues and steady is not None and n == len(steady.seqs):
+            return self._prepare_steady(chunks, steady)
         # Column by column (map over C-level getters, and numpy): no per-chunk Python loop on the
         # common path.
         row_of_seq, num_blocks = self._row_of_seq, self._num_blocks
-        n = len(chunks)
         seqs = list(map(_SEQ, chunks))
         starts = list(map(_START, chunks))
         lens = list(map(_NUM_NEW, chunks))
-        steady, self._steady = self._steady, None
         # `==` on lists compares in C (sequences by identity): the same sequences, each one token further
         if steady is not None and lens.count(1) == n and starts == steady.ends_host and seqs == steady.seqs:
-            return self._prepare_steady(chunks, seqs, starts, steady)
+            return self._prepare_steady(chunks, steady)
         rows = list(map(row_of_seq.get, seqs))
         if None in rows:  # requests joining the batch
             rows = [self.add(seq) if row is None else row for seq, row in zip(seqs, rows)]
@@ -249,8 +264,9 @@ class InputBatch:
         request_ids = None
         ends_host = ends.tolist()
         if all_single and len(sample_a) == n:  # pure decode: the next step may follow from this one
-            request_ids = [seq.request.request_id for seq in seqs]
-            self._steady = _Steady(seqs, rows_a, ends_host, request_ids)
+            request_ids = [seq.request_id for seq in seqs]
+            self._steady = _Steady(seqs, rows_a, ends, ends_host, request_ids, tables,
+                                   self._num_blocks_a[rows_a] * bs)
         return StepInputs(
             input_ids=np.array(ids, np.int64), positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu,
@@ -262,32 +278,46 @@ class InputBatch:
             sample_chunks=chunks if len(sample_a) == n else [chunks[i] for i in sample_a.tolist()],
             sample_request_ids=request_ids)
 
-    def _prepare_steady(self, chunks: list[ScheduledChunk], seqs: list[Sequence], starts: list[int],
-                        steady: _Steady) -> StepInputs:
+    def _prepare_steady(self, chunks: list[ScheduledChunk], steady: _Steady) -> StepInputs:
         """`prepare` for a decode step that follows a pure decode step over the same sequences:
         every chunk is one token at the end of its sequence (the token sampled last step), so it
-        samples, and the rows and request ids are the previous step's. Only rows that cross into
-        a block they have not written yet read their sequence's block table."""
-        n, bs = len(chunks), self.block_size
-        rows_a = steady.rows
-        starts_a = np.array(starts, np.int64)
-        ends = starts_a + 1
-        need = (ends + (bs - 1)) // bs  # blocks covering positions < end
-        for i in np.nonzero(need > self._num_blocks_a[rows_a])[0].tolist():
-            self._write_blocks(int(rows_a[i]), seqs[i].block_table)
-        ids = list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts))
-        tables = self.block_table[rows_a, :-(-(max(starts) + 1) // bs)]
+        samples; the rows, request ids and block tables are the previous step's, the positions its
+        ends, the input ids what it sampled. Only rows that cross into a block they have not
+        written yet read their sequence's block table (and rewrite their row of the tables)."""
+        n, bs, seqs = len(chunks), self.block_size, steady.seqs
+        rows_a, positions, tables, room = steady.rows, steady.ends, steady.tables, steady.room
+        ends = positions + 1
+        width = max(steady.ends_host) // bs + 1  # blocks the furthest sequence reaches
+        cross = np.flatnonzero(positions >= room)
+        if len(cross):
+            num_blocks, grows = self._num_blocks, width != tables.shape[1]
+            for i, row in zip(cross.tolist(), rows_a[cross].tolist()):
+                self._write_blocks(row, seqs[i].block_table)
+                room[i] = num_blocks[row] * bs
+                if not grows:
+                    tables[i] = self.block_table[row, :width]
+        if width != tables.shape[1]:
+            tables = self.block_table[rows_a, :width]
+        ids = steady.sampled
+        if ids is None:  # the last step's tokens were not recorded: read them from the sequences
+            ids = np.array(list(map(operator.getitem, map(_TOKEN_IDS, seqs), steady.ends_host)), np.int64)
         cu = self._aranges.get(n)
         if cu is None:
             cu = self._aranges[n] = np.arange(n + 1, dtype=np.int64)
-        slots = tables[cu[:-1], starts_a // bs] * bs + starts_a % bs
+        slots = tables[cu[:-1], positions // bs] * bs + positions % bs
         ends_host = ends.tolist()
-        self._steady = _Steady(seqs, rows_a, ends_host, steady.request_ids)
+        self._steady = _Steady(seqs, rows_a, ends, ends_host, steady.request_ids, tables, room)
         return StepInputs(
-            input_ids=np.array(ids, np.int64), positions=starts_a, slots=slots, tables=tables,
+            input_ids=ids, positions=positions, slots=slots, tables=tables,
             context_lens=ends, cu_seqlens_q=cu, decode_idx=cu[:-1], logits_idx=cu[:-1],
             query_lens=[1] * n, decode_only=True, context_lens_host=ends_host,
             sample_rows=rows_a, sample_ends=ends, sample_chunks=chunks, sample_request_ids=steady.request_ids)
+
+    def record_sampled(self, token_ids: np.ndarray) -> None:
+        """The ids this step sampled, in sampling-chunk order (the runner calls this once per step
+        that sampled): after a pure decode step they are the next step's input ids."""
+        if self._steady is not None:
+            self._steady.sampled = token_ids
 
     def sampling_arrays(self, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Per-row sampling parameters of the sampling chunks, plus the (row, token) pairs of the

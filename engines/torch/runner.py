@@ -40,7 +40,7 @@ class _HostPack:
     """Arrays appended on the host, shipped to the device as one buffer, then viewed back.
 
     On CPU there is no copy to make: each array is wrapped as a tensor in place (torch.from_numpy;
-    every array of a step is freshly built, so nothing aliases the persistent rows).
+    the input batch writes no array a step uses while that step runs).
     """
 
     _ALIGN = 8
@@ -132,7 +132,7 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return RunnerOutput()
-        step = self.input_batch.prepare(chunks)
+        step = self.input_batch.prepare(chunks, scheduler_output.decode_continues)
         pack = _HostPack(self.device)
         idx = {name: pack.add(getattr(step, name)) for name in (
             "input_ids", "positions", "slots", "tables", "context_lens", "cu_seqlens_q", "decode_idx", "logits_idx")}
@@ -152,12 +152,16 @@ class ModelRunner:
             hidden = self.model(dev[idx["input_ids"]], meta.positions, self.kv_cache.kv, meta, self.attention)
         if not step.sample_chunks:
             return RunnerOutput()
-        logits = self.model.compute_logits(hidden[dev[idx["logits_idx"]]])
-        if sidx is None:
-            return self._collect(step, None, self.sampler.greedy(logits), None, None, None)
+        if not (step.decode_only and len(step.sample_chunks) == len(step.query_lens)):
+            hidden = hidden[dev[idx["logits_idx"]]]  # else every row samples: the gather is the identity
+        logits = self.model.compute_logits(hidden)
+        if sidx is None:  # the argmax's ids are the step's single device -> host copy
+            return self._collect_tokens(step, self.sampler.greedy_host(logits))
         batch = self._sampling_batch(step, sampling, dev, sidx)
         token_ids, chosen, top_ids, top_vals = self.sampler(logits, batch)
-        return self._collect(step, sampling["logprobs"], token_ids, chosen, top_ids, top_vals)
+        if chosen is None:
+            return self._collect_tokens(step, token_ids.cpu().numpy())  # the step's single device -> host copy
+        return self._collect_logprobs(step, sampling["logprobs"], token_ids, chosen, top_ids, top_vals)
 
     def _sampling_batch(self, step: StepInputs, sampling: dict[str, np.ndarray], dev: list[torch.Tensor],
                         sidx: dict[str, int]) -> SamplingBatch:
@@ -185,15 +189,20 @@ class ModelRunner:
             output_rows=dev[sidx["out_rows"]], output_tokens=dev[sidx["out_tokens"]],
             banned_rows=dev[sidx["ban_rows"]], banned_tokens=dev[sidx["ban_tokens"]], **flags)
 
-    def _collect(self, step: StepInputs, wanted: np.ndarray | None, token_ids: torch.Tensor, chosen: torch.Tensor | None,
-                 top_ids: torch.Tensor | None, top_vals: torch.Tensor | None) -> RunnerOutput:
+    @staticmethod
+    def _request_ids(step: StepInputs) -> list[str]:
         rids = step.sample_request_ids
-        if rids is None:
-            rids = [c.seq.request.request_id for c in step.sample_chunks]
+        return [c.seq.request_id for c in step.sample_chunks] if rids is None else rids
+
+    def _collect_tokens(self, step: StepInputs, sampled: np.ndarray) -> RunnerOutput:
+        """The sampled ids (on the host, one per sampling chunk) as the runner's answer."""
+        self.input_batch.record_sampled(sampled)
+        return RunnerOutput(dict(zip(self._request_ids(step), sampled.tolist())))
+
+    def _collect_logprobs(self, step: StepInputs, wanted: np.ndarray, token_ids: torch.Tensor, chosen: torch.Tensor,
+                          top_ids: torch.Tensor, top_vals: torch.Tensor) -> RunnerOutput:
+        rids = self._request_ids(step)
         out = RunnerOutput()
-        if chosen is None:
-            out.token_ids = dict(zip(rids, token_ids.tolist()))  # the step's single device -> host copy
-            return out
         parts = [token_ids.double()[:, None], chosen.double()[:, None], top_ids.double(), top_vals.double()]
         host = torch.cat(parts, dim=1).cpu().tolist()  # the step's single device -> host copy
         n = top_ids.shape[1]
@@ -205,4 +214,5 @@ class ModelRunner:
             if want >= 0:
                 top = tuple((int(values[2 + j]), values[2 + n + j]) for j in range(min(want, n)))
                 out.logprobs[rid] = TokenLogprob(token_id=token, logprob=values[1], top=top)
+        self.input_batch.record_sampled(np.fromiter(out.token_ids.values(), np.int64, len(rids)))
         return out

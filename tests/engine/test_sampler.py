@@ -95,6 +95,22 @@ def test_greedy_ignores_filters_and_seeds() -> None:
     assert set(drawn) == {0}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_as_torch_argmax(dtype) -> None:
+    """The CPU argmax (numpy's) agrees with torch's: first of equal maxima, NaN as the maximum,
+    rows of -inf, non-contiguous rows, a large vocabulary."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, vocab in ((256, 16), (9, 49152), (3, 5)):
+        logits = torch.randn(rows, vocab, generator=gen).to(dtype)
+        logits[0] = 1.0
+        logits[1, 2], logits[1, 4] = float("nan"), float("nan")
+        logits[2] = float("-inf")
+        want = logits.float().argmax(dim=-1)
+        assert torch.equal(Sampler.greedy(logits), want)
+        assert Sampler.greedy_host(logits).tolist() == want.tolist()
+        assert Sampler.greedy_host(logits[::2]).tolist() == want[::2].tolist()
+
+
 def test_penalties_change_logits_as_specified() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
     params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)

@@ -224,12 +224,12 @@ async def test_deadline_finishes_with_deadline(started) -> None:
     assert outs[-1].finish_reason is FinishReason.DEADLINE and outs[-1].usage.completion_tokens == 0
 
     def expire_on_third_step(out: SchedulerOutput) -> None:
-        if runner.steps == 3:
+        if runner.steps == 3:  # the deadline it was admitted with passes now
             for chunk in out.chunks:
                 chunk.seq.request.deadline = time.monotonic() - 1
 
     runner.hook = expire_on_third_step
-    outs = await _collect(engine.add_request(_req("mid", max_tokens=30)))
+    outs = await _collect(engine.add_request(_req("mid", max_tokens=30, deadline=time.monotonic() + 600)))
     assert outs[-1].finish_reason is FinishReason.DEADLINE
     assert outs[-1].usage.completion_tokens == 3
     assert engine.stats().idle

@@ -333,10 +333,16 @@ def test_random_workload_never_leaks_or_overruns(ops, num_blocks, block_size, bu
     seqs: list[Sequence] = []
     finished_ids: set[int] = set()
     rows: dict[str, tuple[int, int]] = {}  # the runner's persistent rows: request id -> incarnation
+    last: list[list[tuple[Sequence, int]]] = [[]]  # the last non-empty step's (sequence, end) per chunk
 
     def one_step(eos_every: int) -> None:
         out = sched.schedule()
         check_step(sched, out)
+        if out.decode_continues:  # the runner trusts it: the last step's sequences, each one token further
+            assert [(c.seq, c.start, c.num_new_tokens) for c in out.chunks] == [(s, e, 1) for s, e in last[0]]
+            assert out.chunks and [c.seq for c in out.chunks] == sched.running
+        if out.chunks:
+            last[0] = [(c.seq, c.end) for c in out.chunks]
         for rid in out.finished_req_ids:
             rows.pop(rid, None)
         for c in out.chunks:  # a row is reused only by the same sequence, never across a preemption
@@ -374,6 +380,28 @@ def test_random_workload_never_leaks_or_overruns(ops, num_blocks, block_size, bu
         if s.finish_reason is FinishReason.LENGTH:
             assert s.num_output_tokens == s.request.stopping.max_tokens or s.num_tokens >= 24 \
                 or s.num_tokens > num_blocks * block_size - block_size
+
+
+def test_decode_continues_only_between_unchanged_decode_steps() -> None:
+    """The runner builds a step from its rows alone when `decode_continues` is set: only for a
+    decode step over exactly the last step's sequences, with nothing joined, left or preempted."""
+    sched = make_scheduler(budget=64)
+    a, b, c = make_seq("a", max_tokens=20), make_seq("b", max_tokens=20), make_seq("c", max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    flags = [step(sched)[0].decode_continues for _ in range(4)]  # prefill, decode, decode, decode
+    assert flags == [False, False, True, True]
+    sched.add(c)
+    flags = [step(sched)[0].decode_continues for _ in range(3)]  # c's prefill beside a, b's decode
+    assert flags == [False, False, True]
+    sched.abort("b")
+    flags = [step(sched)[0].decode_continues for _ in range(2)]  # b left: its row must go first
+    assert flags == [False, True]
+    out = sched.schedule()
+    assert out.decode_continues and [ch.seq for ch in out.chunks] == [a, c]
+    sched.update(out, RunnerOutput({}.fromkeys(("a", "c"), FILLER)))
+    sched.finish_expired()  # (no deadlines) nothing leaves: the next step still continues
+    assert sched.schedule().decode_continues
 
 
 # ---- prefix caching ---------------------------------------------------------------------
