@@ -23,6 +23,8 @@ from tokenrelay_engines.torch.kernels.native import CpuKernels
 BLOCK = 32
 # GGUF type name -> bytes per block
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+
+
 @dataclass(frozen=True, slots=True)
 class BlockWeight:
     kind: str  # "Q4_1" or "Q8_0"
