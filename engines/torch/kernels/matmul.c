@@ -79,12 +79,19 @@ void tr_quantize_q16(const float *x, int64_t M, int64_t K, int16_t *xq, float *d
     }
 }
 
+/* A Q4_1 block's 32 nibbles as bytes: elements 0-15 (low nibbles), then 16-31 (high nibbles). */
+static inline void q4_nibbles(const uint8_t *q, __m128i half[2]) {
+    __m128i bytes = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F);
+    half[0] = _mm_and_si128(bytes, mask);
+    half[1] = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+}
+
 /* A block's 32 weights as two vectors of 16 int16, elements 0-15 and 16-31. */
 static inline void unpack_q4(const uint8_t *q, __m256i w[2]) {
-    __m128i bytes = _mm_loadu_si128((const __m128i *)q);
-    __m128i mask = _mm_set1_epi8(0x0F);
-    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
-    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+    __m128i half[2];
+    q4_nibbles(q, half);
+    w[0] = _mm256_cvtepu8_epi16(half[0]);
+    w[1] = _mm256_cvtepu8_epi16(half[1]);
 }
 
 static inline void unpack_q8(const int8_t *q, __m256i w[2]) {
@@ -183,8 +190,8 @@ static void q8_0_matmul(const int16_t *xq, const float *dx, int64_t M, int64_t K
 /* One block of 32 weights as float32, bit-identical to the reference dequantization (d * q is exact in
  * float32, so fma(q, d, m) rounds once, as d * q + m does): the float path's weights. */
 static inline void dequantize_q4_1_block(const uint8_t *qs, float d, float m, float *w) {
-    __m128i bytes = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
-    __m128i half[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+    __m128i half[2];
+    q4_nibbles(qs, half);
     __m256 s = _mm256_set1_ps(d), mn = _mm256_set1_ps(m);
     for (int h = 0; h < 2; h++) {
         __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half[h]));
