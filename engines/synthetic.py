@@ -111,7 +111,7 @@ class _Slot:
     deadline_timer: asyncio.TimerHandle | None = None
     finished: bool = False
     seed_sent: bool = False
-    held: RequestOutput | None = None  # FINAL_ONLY: the deltas so far, delivered with the final output
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)  # FINAL_ONLY: sent with the final output
 
     @property
     def num_tokens(self) -> int:
@@ -276,13 +276,13 @@ class SyntheticEngine:
             self._finish(slot, FinishReason.DEADLINE)
 
     def _next_token(self, slot: _Slot) -> tuple[int, float]:
+        """The next token and its log-probability, both from a hash of (prompt, seed, position)."""
         index = len(slot.output_ids)
         h = hashlib.blake2b(slot.digest + index.to_bytes(4, "little"), digest_size=8).digest()
         u = int.from_bytes(h, "little") / 2**64
         if u < self.config.eos_rate and not slot.request.stopping.ignore_eos:
             return EOS_ID, -0.5
-        word = int.from_bytes(h[:4], "little") % len(WORDS)
-        return _WORD_OFFSET + word, -round(0.05 + 2.0 * u, 4)
+        return _WORD_OFFSET + int.from_bytes(h[:4], "little") % len(WORDS), -0.05 - 2.0 * u
 
     def _logprob(self, tid: int, lp: float, n: int) -> TokenLogprob:
         top = [(tid, lp)]
@@ -340,12 +340,15 @@ class SyntheticEngine:
                                or len(req.prompt_token_ids) + n_out >= self.config.context_length):
             finish = FinishReason.LENGTH
         n = req.sampling.logprobs
-        logprobs = [self._logprob(tid, lp, n)] if n is not None else None
+        logprobs = [self._logprob(tid, round(lp, 4), n)] if n is not None else None
         if finish is not None:
             self._finish(slot, finish, stop_reason=stop_reason, new_ids=[tid], logprobs=logprobs)
             return None
-        hold = self._held_back(slot.text, stop.stop)
-        self._emit(slot, [tid], len(slot.text) - hold, logprobs)
+        if req.output_kind is OutputKind.FINAL_ONLY:  # nothing goes out before the final output
+            if logprobs is not None:
+                slot.held_logprobs.extend(logprobs)
+        else:
+            self._emit(slot, [tid], len(slot.text) - self._held_back(slot.text, stop.stop), logprobs)
         return slot.scheduled_time + (self.config.ttft_ms + n_out * self.config.itl_ms) / 1000
 
     @staticmethod
@@ -375,9 +378,6 @@ class SyntheticEngine:
         slot.sent_chars = upto
         if not slot.seed_sent:
             out.seed, slot.seed_sent = slot.seed, True
-        if slot.request.output_kind is OutputKind.FINAL_ONLY:
-            slot.held = out if slot.held is None else merge_outputs(slot.held, out)
-            return
         slot.outputs.put_nowait(out)
 
     def _finish(self, slot: _Slot, reason: FinishReason, *, stop_reason: str | int | None = None,
@@ -394,6 +394,9 @@ class SyntheticEngine:
             self._running.discard(rid)
             self._blocks_reserved -= slot.reserved_blocks
         now = time.monotonic()
+        if slot.request.output_kind is OutputKind.FINAL_ONLY:  # the whole output in this one
+            new_ids = list(slot.output_ids)
+            logprobs = slot.held_logprobs + (logprobs or []) if slot.request.sampling.logprobs is not None else None
         out = RequestOutput(
             request_id=rid, token_ids=new_ids or [], text=slot.text[slot.sent_chars:],
             logprobs=logprobs, finished=True, finish_reason=reason, stop_reason=stop_reason,
@@ -402,8 +405,6 @@ class SyntheticEngine:
                                    first_token_time=slot.first_token_time, finished_time=now),
             seed=slot.seed, error=error)
         slot.sent_chars = len(slot.text)
-        if slot.held is not None:
-            out, slot.held = merge_outputs(slot.held, out), None
         slot.outputs.put_nowait(out)
         del self._slots[rid]
         if self._loop is not None and self._dead is None:

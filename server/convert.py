@@ -8,8 +8,8 @@ folds RequestOutput deltas into a GenerationResult; `stream_*` build GenerateStr
 
 from __future__ import annotations
 
+import itertools
 import secrets
-import uuid
 from collections.abc import Callable
 
 from google.protobuf import duration_pb2
@@ -129,6 +129,8 @@ def _stopping(p: generation_pb2.GenerationParams, info: ModelInfo, num_prompt: i
 
 
 REQUEST_ID_METADATA = "x-request-id"
+_ID_PREFIX = secrets.token_hex(8)  # generated ids: this process's random prefix and a call counter
+_ID_COUNTER = itertools.count()
 
 
 def request_id_from(params: generation_pb2.GenerationParams, metadata, limits: InputLimits) -> str:
@@ -143,7 +145,7 @@ def request_id_from(params: generation_pb2.GenerationParams, metadata, limits: I
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         if not value:
-            return uuid.uuid4().hex
+            return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
     bad: list[tuple[str, str]] = []
     if not limits.check_request_id(bad, field, value):
         raise InvalidRequests(bad)
@@ -193,10 +195,8 @@ def finish_reason_to_proto(reason: FinishReason | None) -> int:
     return _FINISH_REASONS.get(reason, generation_pb2.FINISH_REASON_UNSPECIFIED) if reason else 0
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
+def _set_duration(d: duration_pb2.Duration, seconds: float) -> None:
     d.FromNanoseconds(max(0, round(seconds * 1e9)))
-    return d
 
 
 def timing_from_metrics(m: RequestMetrics | None) -> generation_pb2.Timing:
@@ -204,10 +204,10 @@ def timing_from_metrics(m: RequestMetrics | None) -> generation_pb2.Timing:
     if m is None:
         return t
     if m.first_scheduled_time is not None:
-        t.queued.CopyFrom(_duration(m.first_scheduled_time - m.arrival_time))
+        _set_duration(t.queued, m.first_scheduled_time - m.arrival_time)
     if m.first_token_time is not None:
-        t.time_to_first_token.CopyFrom(_duration(m.first_token_time - m.arrival_time))
-    t.total.CopyFrom(_duration(m.finished_time - m.arrival_time))
+        _set_duration(t.time_to_first_token, m.first_token_time - m.arrival_time)
+    _set_duration(t.total, m.finished_time - m.arrival_time)
     return t
 
 

@@ -2,7 +2,7 @@
 
 Servicers raise domain exceptions (`InvalidRequest`, `AdmissionRejected`, `ServerDraining`,
 `EngineDeadError`, `NotFound`, ...) inside `abort_on_error`, which turns them into
-`context.abort_with_status(...)`. Nothing is ever returned with status OK on failure.
+`context.abort(...)` with the status's details in its trailers. Nothing is ever returned with status OK on failure.
 """
 
 from __future__ import annotations
@@ -160,8 +160,11 @@ def to_status(exc: BaseException) -> status_pb2.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Abort the call with the status for `exc`; raises (as grpc.aio's abort does)."""
-    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+    """Abort the call with the status for `exc`, keeping the trailing metadata set so far (the
+    request id); raises (as grpc.aio's abort does)."""
+    status = rpc_status.to_status(to_status(exc))
+    await context.abort(status.code, status.details,
+                        tuple(context.trailing_metadata() or ()) + tuple(status.trailing_metadata))
 
 
 @contextlib.asynccontextmanager

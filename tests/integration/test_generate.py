@@ -85,16 +85,18 @@ async def test_fifty_concurrent_streams_distinct_and_correct(text_generation_stu
 
 
 async def test_request_id_from_metadata_and_generated(text_generation_stub):
+    """The id is echoed in trailing metadata by every call; a stream sends it in initial metadata too."""
     call = text_generation_stub.Generate(tg.GenerateRequest(params=params()),
                                          metadata=(("x-request-id", "from-header"),), timeout=20)
     assert (await call).result.request_id == "from-header"
-    assert ("x-request-id", "from-header") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "from-header") in tuple(await call.trailing_metadata())
     call = text_generation_stub.Generate(tg.GenerateRequest(params=params()), timeout=20)
     rid = (await call).result.request_id
-    assert rid and dict(await call.initial_metadata())["x-request-id"] == rid
+    assert rid and dict(await call.trailing_metadata())["x-request-id"] == rid
     stream = text_generation_stub.GenerateStream(tg.GenerateStreamRequest(params=params(request_id="s-9")), timeout=20)
     assert dict(await stream.initial_metadata())["x-request-id"] == "s-9"
     assert [e async for e in stream][0].started.request_id == "s-9"
+    assert dict(await stream.trailing_metadata())["x-request-id"] == "s-9"
 
 
 async def test_stop_string_is_not_leaked(text_generation_stub):

@@ -73,6 +73,7 @@ async def test_bad_request_id_is_invalid_argument_not_internal(stub, bad_id):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert [f for f, _ in violations(err.value)] == ["params.request_id"]
         assert ("x-request-id", bad_id) not in tuple(await call.initial_metadata() or ())
+        assert ("x-request-id", bad_id) not in tuple(await call.trailing_metadata() or ())
 
 
 async def test_bad_x_request_id_header_is_invalid_argument(stub):
@@ -82,7 +83,28 @@ async def test_bad_x_request_id_header_is_invalid_argument(stub):
     assert [f for f, _ in violations(err.value)] == ["metadata[x-request-id]"]
     call = stub.Generate(tg.GenerateRequest(params=params()), metadata=(("x-request-id", "ok-123"),), timeout=10)
     assert (await call).result.request_id == "ok-123"
-    assert ("x-request-id", "ok-123") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "ok-123") in tuple(await call.trailing_metadata())
+
+
+async def test_a_failed_call_names_its_request_id_in_the_error_trailers(stub):
+    """A call that fails after its id was resolved still echoes it, next to the status details,
+    so a client's error says which request failed (tokenrelay.errors reads it from there)."""
+    from tokenrelay.errors import from_rpc_error
+
+    bad = params(max_tokens=10 ** 9)
+    for call in (stub.Generate(tg.GenerateRequest(params=bad), metadata=(("x-request-id", "fail-1"),), timeout=10),
+                 stub.GenerateStream(tg.GenerateStreamRequest(params=bad), metadata=(("x-request-id", "fail-1"),),
+                                     timeout=10)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if isinstance(call, grpc.aio.UnaryStreamCall):
+                async for _ in call:
+                    pass
+            else:
+                await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in violations(err.value)] == ["params.stopping.max_tokens"]
+        assert ("x-request-id", "fail-1") in tuple(err.value.trailing_metadata())
+        assert from_rpc_error(err.value).request_id == "fail-1"
 
 
 # -- 2. error details are bounded ------------------------------------------------------------
