@@ -45,6 +45,9 @@ class TorchEngineConfig:
     # the engine core runs in its own process), so the matmul threads never wait on a descheduled
     # peer. Set by main from --api-server-count; at least one thread always remains.
     reserved_cores: int = 0
+    # Nice levels the engine core process runs above its front ends (engines/core/priority.py);
+    # set by main from --engine-core-priority when the engine core runs in its own process.
+    core_priority: int = 0
     kv_cache_memory_fraction: float = 0.3  # of free device memory, when num_blocks is 0
     seed: int = 0  # for dummy weights
     cuda_graphs: bool = True  # on CUDA: decode steps replay CUDA graphs (engines/torch/cuda_graphs.py)
@@ -62,6 +65,8 @@ class TorchEngineConfig:
             raise ValueError("num_threads must be >= 0")
         if self.reserved_cores < 0:
             raise ValueError("reserved_cores must be >= 0")
+        if not 0 <= self.core_priority <= 19:
+            raise ValueError("core_priority must be in [0, 19]")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
 

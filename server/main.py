@@ -97,6 +97,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("on", "off"))
     add("--api-server-count", int, 1, "front-end (gRPC server) processes sharing the port over one engine core; "
         "> 1 needs --engine-process on; jobs run in the first front end only")
+    add("--engine-core-priority", int, 5, "nice levels the engine core process runs above the front ends, "
+        "so busy front ends (RPC floods, many streams) do not take its CPU: it raises its own priority when "
+        "permitted (CAP_SYS_NICE or RLIMIT_NICE), else the front ends lower theirs; 0: equal (0-19)")
     add("--max-pending-requests", int, 256, "interactive requests in flight before RESOURCE_EXHAUSTED")
     add("--max-pending-prompt-tokens", int, 1 << 20, "their total prompt tokens before RESOURCE_EXHAUSTED")
     add("--retry-after-ms", int, 200, "RetryInfo delay suggested when admission is full")
@@ -203,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                      device=args.device, dtype=args.dtype, quantization=args.quantization,
                                      cpu_kernels=args.cpu_kernels, num_threads=args.num_threads,
                                      reserved_cores=args.api_server_count if args.engine_process == "on" else 0,
+                                     core_priority=args.engine_core_priority if args.engine_process == "on" else 0,
                                      kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
                                      cuda_graphs=args.cuda_graphs, chat_template=args.chat_template,
                                      scheduler=scheduler)

@@ -37,6 +37,7 @@ from tokenrelay_engines.core.messages import (
     Utility, UtilityResult, core_message_decoder,
 )
 from tokenrelay_engines.core.output_processor import OutputProcessor, core_request
+from tokenrelay_engines.core.priority import shift_priority
 from tokenrelay_engines.core.validation import EngineLimits, check_request
 from tokenrelay_engines.torch.streams import OutputSlot, RequestStream
 
@@ -108,6 +109,10 @@ class EngineCoreClient:
             raise RuntimeError(f"the engine core process failed to start (exit code {code})") from exc
         if not isinstance(hello, Hello):
             raise RuntimeError(f"the engine core answered {type(hello).__name__} before Hello")
+        if self.config.core_priority and not hello.priority_raised:  # the core could not: we step down
+            lowered = shift_priority(self.config.core_priority)
+            log.info("engine core priority: this front end %s its nice value by %d",
+                     "raised" if lowered else "could not raise", self.config.core_priority)
         self._info = hello.model_info
         self._id_prefix = hello.id_prefix
         self._limits = EngineLimits(hello.model_info, hello.num_blocks, hello.block_size)

@@ -75,6 +75,7 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
     num_blocks: int
     block_size: int
     id_prefix: str = ""  # the front end starts each request id it sends with this
+    priority_raised: bool = False  # the core raised its own priority (else front ends lower theirs)
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True, omit_defaults=True):

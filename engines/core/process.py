@@ -38,6 +38,7 @@ from tokenrelay_engines.core.messages import (
     HEARTBEAT_INTERVAL_S, Abort, AddRequest, CoreDead, FrameEncoder, FrameReader, Heartbeat, Hello, Shutdown,
     StepOutputs, Utility, UtilityResult, command_decoder,
 )
+from tokenrelay_engines.core.priority import shift_priority
 
 log = logging.getLogger("tokenrelay.engine_core")
 _RECV_BYTES = 1 << 20
@@ -228,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s engine-core %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop (Ctrl-C hits the group)
     config = msgspec.json.decode(args.config_json, type=TorchEngineConfig)
+    raised = config.core_priority > 0 and shift_priority(-config.core_priority)  # before any thread starts
     from tokenrelay_engines.torch.runner import ModelRunner
 
     runner = ModelRunner(config)
     core = EngineCore(runner, config.scheduler)
-    hello = Hello(core.model_info, runner.tokenizer.to_str(), core.limits.num_blocks, core.limits.block_size)
+    hello = Hello(core.model_info, runner.tokenizer.to_str(), core.limits.num_blocks, core.limits.block_size,
+                  priority_raised=raised)
     if args.socket_fd is not None:
         server = CoreServer(core, hello, connected=socket.socket(fileno=args.socket_fd))
     else:

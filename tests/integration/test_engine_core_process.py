@@ -10,6 +10,7 @@ seen the same way within 1 s, by its missing heartbeat, and the server kills it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -252,3 +253,31 @@ async def test_two_front_ends_share_one_port_over_one_engine_core(tmp_path: Path
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def nice_values(pid: int) -> list[int]:
+    """The nice value of every thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            out.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the core's threads")
+async def test_the_engine_core_runs_above_its_front_end(tmp_path: Path) -> None:
+    """--engine-core-priority 5 (the default): every thread of the core is at least 5 nice levels
+    above every thread of the front end, however the gap was made (the core raising itself when
+    permitted, else the front end lowering itself)."""
+    proc, address = await spawn_server(tmp_path, f"sqlite://{tmp_path}/jobs.db")
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:  # serving: every thread has started
+            stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+            assert (await stub.Generate(tg.GenerateRequest(params=params(4)), timeout=60)).result.token_ids
+        (core_pid,) = child_pids(proc.pid)
+        core, front = nice_values(core_pid), nice_values(proc.pid)
+        assert core and front
+        assert max(core) + 5 <= min(front), (core, front)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
