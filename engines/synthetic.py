@@ -229,7 +229,7 @@ class SyntheticEngine:
         if request.deadline is not None:
             slot.deadline_timer = self._loop.call_at(
                 request.deadline, self._on_deadline, request.request_id)
-        self._schedule()
+        self._schedule(first_token_now=True)
         return _OutputStream(self, slot)
 
     def _validate(self, request: Request) -> None:
@@ -252,8 +252,12 @@ class SyntheticEngine:
             self._finish(slot, FinishReason.CANCELLED)
 
     # -- scheduling -------------------------------------------------------------------------
-    def _schedule(self) -> None:
-        """Move waiting requests into the running batch while there is room."""
+    def _schedule(self, *, first_token_now: bool = False) -> None:
+        """Move waiting requests into the running batch while there is room.
+
+        `first_token_now` (from add_request only, so this never recurses through _finish): with
+        ttft 0 a scheduled request's first token is made here, not on the next loop iteration
+        (with itl 0 too, a FINAL_ONLY request is done before add_request returns)."""
         assert self._loop is not None
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             _, _, rid = self._waiting[0]
@@ -267,8 +271,11 @@ class SyntheticEngine:
             self._blocks_reserved += slot.reserved_blocks
             self._running.add(rid)
             slot.scheduled_time = self._loop.time()
-            slot.timer = self._loop.call_at(slot.scheduled_time + self.config.ttft_ms / 1000,
-                                            self._on_token, rid)
+            if first_token_now and self.config.ttft_ms == 0:
+                self._on_token(rid)
+            else:
+                slot.timer = self._loop.call_at(slot.scheduled_time + self.config.ttft_ms / 1000,
+                                                self._on_token, rid)
 
     def _on_deadline(self, request_id: str) -> None:
         slot = self._slots.get(request_id)
