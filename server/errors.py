@@ -2,7 +2,8 @@
 
 Servicers raise domain exceptions (`InvalidRequest`, `AdmissionRejected`, `ServerDraining`,
 `EngineDeadError`, `NotFound`, ...) inside `abort_on_error`, which turns them into
-`context.abort(...)` with the status's details in its trailers. Nothing is ever returned with status OK on failure.
+`context.abort(...)`, the status's details in its trailers. Nothing is ever returned with status
+OK on failure.
 """
 
 from __future__ import annotations

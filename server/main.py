@@ -126,8 +126,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quantization", str, "auto", "GGUF weights on the CPU: auto keeps Q4_1 / Q8_0 linear weights in "
         "their blocks (AVX2 kernels built with the C compiler on first use; matmuls of under 8 rows round "
         "activations to 16 bits per block of 32 and multiply in integers, larger ones dequantize pairs of "
-        "weight rows into L1 and multiply in float32); none dequantizes every weight once at load (float matmuls, "
-        "token-exact with transformers)", choices=("auto", "none"))
+        "weight rows into L1 and multiply in float32); none dequantizes every weight once at load (float "
+        "matmuls, token-exact with transformers)", choices=("auto", "none"))
     add_bool("--cpu-kernels", True, "float32 on x86-64 CPUs with AVX2 + FMA: C kernels (built with the system "
              "compiler on first use) for GGUF block weights, RMSNorm and decode attention "
              "(--no-cpu-kernels: torch operators only)")

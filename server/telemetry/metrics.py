@@ -75,8 +75,8 @@ class _EngineCollector(Collector):
 
 
 class LoopHistogram(Collector):
-    """A histogram observed once per output token on the event loop, so it must be cheap:
-    plain counters written by the loop thread only (no lock: a scrape reads a snapshot that may
+    """A histogram observed on the event loop only (per output delta, per request), so it must be
+    cheap: plain counters written by the loop thread only (no lock: a scrape reads a snapshot that may
     be one observation behind). Exposed through prometheus-client's HistogramMetricFamily."""
 
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...], model: Callable[[], str]) -> None:
@@ -116,23 +116,20 @@ class Metrics:
 
         # Observed on the event loop only (by the instrumented engine): lock-free LoopHistograms,
         # labelled with the model when scraped (a prometheus-client Histogram costs ~3 us an
-        # observation, and a request makes nine).
+        # observation, and a request makes nine: observe_finished 29 -> 10 us).
         self.c_ttft = hist("time_to_first_token_seconds", "Time to first token: arrival to first token.", _LATENCY)
-        self.c_itl = LoopHistogram(PREFIX + "inter_token_latency_seconds",
-                                   "Time between successive outputs of a request.", _TOKEN_GAP, lambda: self.model_name)
-        r.register(self.c_itl)
+        self.c_itl = hist("inter_token_latency_seconds", "Time between successive outputs of a request.", _TOKEN_GAP)
         self.c_tpot = hist("request_time_per_output_token_seconds", "Decode time per output token after the "
-                         "first, per request.", _TOKEN_GAP)
+                           "first, per request.", _TOKEN_GAP)
         self.c_e2e = hist("e2e_request_latency_seconds", "End-to-end request latency in the engine.", _LATENCY)
         self.c_queue = hist("request_queue_time_seconds", "Time waiting before first scheduled.", _LATENCY)
         self.c_inference = hist("request_inference_time_seconds", "Time from first scheduled to finished.",
-                              _LATENCY)
+                                _LATENCY)
         self.c_prefill = hist("request_prefill_time_seconds", "Time from first scheduled to first token.",
-                            _LATENCY)
+                              _LATENCY)
         self.c_decode = hist("request_decode_time_seconds", "Time from first token to finished.", _LATENCY)
         self.c_prompt_hist = hist("request_prompt_tokens", "Prompt tokens per request.", _token_buckets())
-        self.c_gen_hist = hist("request_generation_tokens", "Generated tokens per request.",
-                                           _token_buckets())
+        self.c_gen_hist = hist("request_generation_tokens", "Generated tokens per request.", _token_buckets())
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", m, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", m, registry=r)
         self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
