@@ -53,6 +53,15 @@ def params(text: str = "hello", max_tokens: int = 4, **kw) -> gen.GenerationPara
     return gen.GenerationParams(text=text, stopping=gen.StoppingCriteria(max_tokens=max_tokens), **kw)
 
 
+async def run_to_end(call) -> None:
+    """Await a unary call, or read a stream to its end."""
+    if isinstance(call, grpc.aio.UnaryStreamCall):
+        async for _ in call:
+            pass
+    else:
+        await call
+
+
 @pytest.fixture
 def stub(channel) -> text_generation_pb2_grpc.TextGenerationServiceStub:
     return text_generation_pb2_grpc.TextGenerationServiceStub(channel)
@@ -65,11 +74,7 @@ async def test_bad_request_id_is_invalid_argument_not_internal(stub, bad_id):
     for call in (stub.Generate(tg.GenerateRequest(params=params(request_id=bad_id)), timeout=10),
                  stub.GenerateStream(tg.GenerateStreamRequest(params=params(request_id=bad_id)), timeout=10)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            if isinstance(call, grpc.aio.UnaryStreamCall):
-                async for _ in call:
-                    pass
-            else:
-                await call
+            await run_to_end(call)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert [f for f, _ in violations(err.value)] == ["params.request_id"]
         assert ("x-request-id", bad_id) not in tuple(await call.initial_metadata() or ())
@@ -96,11 +101,7 @@ async def test_a_failed_call_names_its_request_id_in_the_error_trailers(stub):
                  stub.GenerateStream(tg.GenerateStreamRequest(params=bad), metadata=(("x-request-id", "fail-1"),),
                                      timeout=10)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            if isinstance(call, grpc.aio.UnaryStreamCall):
-                async for _ in call:
-                    pass
-            else:
-                await call
+            await run_to_end(call)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in violations(err.value)] == ["params.stopping.max_tokens"]
         assert ("x-request-id", "fail-1") in tuple(err.value.trailing_metadata())
