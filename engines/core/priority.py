@@ -26,14 +26,15 @@ def shift_priority(delta: int) -> bool:
     if delta == 0:
         return True
     try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # not Linux: nice is per process
-        tids = []
+        tids: list[int] | None = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = None
     try:
-        if not tids:
+        if tids is None:  # not Linux: nice is per process
             os.nice(delta)
-        for tid in tids:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + delta)
+        else:
+            for tid in tids:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + delta)
     except OSError as exc:
         log.debug("could not change the nice value by %d: %s", delta, exc)
         return False
